@@ -1,0 +1,225 @@
+"""The daemon's lifecycle, as phases.
+
+Start: settings → PostgreSQL pool (schema applied) → NATS (reconnecting for
+ever) → the `registry` service → background tasks → READY=1.
+Stop (first SIGTERM/SIGINT): STOPPING=1 → stop taking requests and let those in
+progress finish → stop background tasks → drain NATS → close the pool → exit 0.
+A second signal while stopping exits at once. A background task that dies
+unexpectedly stops the daemon with a non-zero exit code, so systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from daemon import __version__, db
+from daemon.config import Settings
+from daemon.events import Events
+from daemon.sdnotify import Notifier
+from daemon.service import RegistryService
+from subjects.base import Context
+
+log = logging.getLogger("registryd")
+
+# How long in-flight requests may take to finish after SIGTERM. systemd's
+# TimeoutStopSec (90 s by default) must stay above it.
+STOP_GRACE = 30.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.notifier = Notifier(env if env is not None else os.environ)
+        self.db: db.Database | None = None
+        self.nc: NATS | None = None
+        self.service: RegistryService | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self._failure: str | None = None
+
+    # ------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("registryd %s starting", __version__)
+        self.db = await db.connect(s)
+        log.info("database ready, schema applied")
+        self.nc = await connect_nats(s)
+        events = Events(self.nc, s.subject_prefix)
+        ctx = Context(settings=s, db=self.db, events=events)
+        self.service = RegistryService(self.nc, ctx)
+        await self.service.start()
+        if self.notifier.watchdog_interval:
+            self._spawn("watchdog", self._watchdog)
+        log.info(
+            "serving %s.* on %s",
+            s.subject_prefix,
+            self.nc.connected_url.netloc if self.nc.connected_url else s.nats_url,
+        )
+        self.notifier.ready(f"serving {s.subject_prefix}.*")
+
+    def _spawn(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.create_task(loop(), name=name)
+        self._tasks[name] = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        self._failure = f"background task {task.get_name()} ended: {exc!r}"
+        log.error(self._failure, exc_info=exc)
+        self._stop.set()
+
+    async def _watchdog(self) -> None:
+        # Pinged only while the loop runs and our connections are usable: a
+        # wedged loop or a closed pool stops the pings and systemd restarts us.
+        # A NATS or database outage does not: restarting would not end it.
+        assert self.notifier.watchdog_interval
+        while True:
+            if (
+                self.nc is not None
+                and not self.nc.is_closed
+                and self.db is not None
+                and not self.db.pool.is_closing()
+            ):
+                self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    # ------------------------------------------------------------ run / stop
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        self._stop.set()
+        self.notifier.stopping()
+        log.info("stopping: finishing requests in progress")
+        if self.service is not None:
+            await self.service.stop(grace)
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception as exc:
+                log.warning("NATS drain failed (%s); closing", exc)
+                await self.nc.close()
+        if self.db is not None:
+            await self.db.close()
+        log.info("stopped")
+
+
+async def run(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code for the process."""
+    daemon = Daemon(settings)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    stopping = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        stopping = True
+        log.info("%s received", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    starting = asyncio.create_task(daemon.start())
+    waiting = asyncio.create_task(daemon.wait())
+    done, _ = await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:  # a signal while we were still connecting
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await daemon.stop()
+        return 0
+    starting.result()  # start-up failures propagate to the entry point
+    await waiting
+    await daemon.stop()
+    return 1 if daemon.failure else 0
+
+
+# ---------------------------------------------------------------- NATS
+
+
+def nats_options(s: Settings) -> dict[str, Any]:
+    """Connection options for the daemon and for `registryd call` alike."""
+    opts: dict[str, Any] = {"servers": s.servers, "name": "registryd"}
+    if s.nats_creds:
+        opts["user_credentials"] = str(s.nats_creds)
+    if s.nats_nkey:
+        seed = s.nats_nkey.get_secret_value()
+        if Path(seed).is_file():
+            opts["nkeys_seed"] = seed
+        else:
+            opts["nkeys_seed_str"] = seed
+    if s.nats_user:
+        opts["user"] = s.nats_user
+    if s.nats_password:
+        opts["password"] = s.nats_password.get_secret_value()
+    if s.nats_token:
+        opts["token"] = s.nats_token.get_secret_value()
+    if s.nats_tls_ca or s.nats_tls_cert:
+        context = ssl.create_default_context(cafile=str(s.nats_tls_ca) if s.nats_tls_ca else None)
+        if s.nats_tls_cert:
+            context.load_cert_chain(
+                str(s.nats_tls_cert), str(s.nats_tls_key) if s.nats_tls_key else None
+            )
+        opts["tls"] = context
+    return opts
+
+
+async def connect_nats(s: Settings) -> NATS:
+    async def disconnected() -> None:
+        log.warning("NATS connection lost; reconnecting")
+
+    async def reconnected() -> None:
+        log.info("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    async def error(exc: Exception) -> None:
+        log.warning("NATS: %s", exc or type(exc).__name__)
+
+    async def closed() -> None:
+        log.info("NATS connection closed")
+
+    delay = 0.2
+    while True:
+        try:
+            nc = await nats.connect(
+                **nats_options(s),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=5,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+                closed_cb=closed,
+                # Reconnecting, keep up to 64 MiB of replies and events to send.
+                pending_size=64 * 1024 * 1024,
+            )
+            return nc
+        except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
+            log.warning("NATS not reachable (%s); retrying in %.1fs", exc or type(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,174 @@
+"""Settings: every REGISTRY_* variable of the contract, in one typed, frozen object.
+
+Read once at start-up, from the environment and then from command-line flags
+(a flag wins), and passed down; nothing else in the daemon reads os.environ.
+A bad value raises SettingError naming the variable, which the entry point turns
+into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "REGISTRY_"
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+_SUBJECT_TOKEN = re.compile(r"^[^\s.*>]+$")
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
+_PG_SCHEMES = {"postgres", "postgresql"}
+
+
+class SettingError(Exception):
+    """A setting has a value the daemon cannot start with."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.variable = ENV_PREFIX + field.upper()
+        self.flag = "--" + field.replace("_", "-")
+        super().__init__(f"{self.variable} ({self.flag}): {message}")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # NATS
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: Path | None = None
+    nats_nkey: SecretStr | None = None
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    # PostgreSQL
+    database_url: SecretStr = SecretStr("postgresql:///registry")
+    db_pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    db_timeout: Seconds = 5.0
+    # The service
+    subject_prefix: str = "registry"
+    stream: str = "REGISTRY_BACKEND_OPS"
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    registration_token: SecretStr | None = None
+    auto_approve: bool = False
+    max_payload: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    # Background work
+    check_interval: Seconds = 15.0
+    stale_after: Seconds = 60.0
+    auto_offline: bool = False
+    drain_interval: Seconds = 30.0
+    backoff_base: Seconds = 30.0
+    backoff_cap: Seconds = 900.0
+    install_timeout: Seconds = 900.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Process
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    embedded: bool = False
+    state_dir: Path = Path(".registryd")
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls(cls, value: str) -> str:
+        for url in nats_servers(value):
+            parts = urlsplit(url)
+            if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+                raise ValueError(f"not a NATS URL: {url!r} (expected nats://host:port)")
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError as exc:
+                raise ValueError(f"bad port in {url!r}") from exc
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if urlsplit(url).scheme not in _PG_SCHEMES:
+            raise ValueError("not a PostgreSQL URL (expected postgresql://…)")
+        return value
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _subject_prefix(cls, value: str) -> str:
+        if not value or not all(_SUBJECT_TOKEN.match(t) for t in value.split(".")):
+            raise ValueError("must be NATS subject tokens separated by dots, without wildcards")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, value: str) -> str:
+        if not _STREAM_NAME.match(value):
+            raise ValueError("a JetStream stream name is letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("backoff_cap")
+    @classmethod
+    def _cap(cls, value: float, info: Any) -> float:
+        base = info.data.get("backoff_base")
+        if base is not None and value < base:
+            raise ValueError("must not be smaller than REGISTRY_BACKOFF_BASE")
+        return value
+
+    @property
+    def servers(self) -> list[str]:
+        return nats_servers(self.nats_url)
+
+
+def nats_servers(value: str) -> list[str]:
+    servers = [s.strip() for s in value.split(",") if s.strip()]
+    if not servers:
+        raise ValueError("no NATS server given")
+    return servers
+
+
+FIELDS: tuple[str, ...] = tuple(Settings.model_fields)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; absent flags leave the environment's value alone."""
+    group = parser.add_argument_group("settings (each also REGISTRY_<NAME> in the environment)")
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if info.annotation is bool:
+            group.add_argument(
+                flag, nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL"
+            )
+        else:
+            group.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper())
+
+
+def load(env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Settings:
+    raw: dict[str, Any] = {}
+    for name in FIELDS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            raw[name] = value
+    for name, value in (flags or {}).items():
+        if name in FIELDS:
+            raw[name] = value
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        given = raw.get(field)
+        if given is not None and field not in _SECRET_FIELDS:
+            message = f"{message}, got {given!r}"
+        raise SettingError(field, message) from None
+
+
+_SECRET_FIELDS = {
+    name for name, info in Settings.model_fields.items() if "SecretStr" in repr(info.annotation)
+}

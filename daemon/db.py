@@ -1,0 +1,132 @@
+"""PostgreSQL: the pool, the schema migration, and bounded waits on both.
+
+Every wait on the database is bounded by REGISTRY_DB_TIMEOUT (acquiring a
+connection, and each statement through `command_timeout`), so an unreachable
+or stuck database turns into a 503 for the caller instead of a hung request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from daemon.config import Settings
+
+log = logging.getLogger("registryd.db")
+
+# pg_advisory_xact_lock key for schema changes: "registryd" in ASCII, so it is
+# recognisable in pg_locks and unlikely to collide with another application.
+SCHEMA_LOCK_KEY = 0x7265676973747279
+
+# Errors that no retry will fix: wrong password, unknown database or role.
+_PERMANENT = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+def schema_sql() -> str:
+    return resources.files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+async def migrate(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql; instances starting together queue on the advisory lock."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+        await conn.execute(schema_sql())
+
+
+class Database:
+    """The pool, with every acquire bounded so callers never wait forever."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+            yield conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.connection() as conn:
+            return await conn.execute(sql, *args)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=self.timeout)
+        except TimeoutError:
+            log.warning("database pool did not close in time; terminating its connections")
+            self.pool.terminate()
+
+
+async def connect(settings: Settings, *, wait: bool = True) -> Database:
+    """Open the pool and apply the schema, retrying while the database is not up.
+
+    A database that refuses our credentials or does not exist fails at once:
+    retrying cannot fix it, and the operator should hear about it now.
+    """
+    delay = 0.2
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url.get_secret_value(),
+                min_size=1,
+                max_size=settings.db_pool_size,
+                command_timeout=settings.db_timeout,
+                timeout=settings.db_timeout,
+                # Bounded by db_timeout; a pool connection never lives forever
+                # so a failover to a standby is picked up.
+                max_inactive_connection_lifetime=300,
+            )
+            assert pool is not None
+            try:
+                async with pool.acquire(timeout=settings.db_timeout) as conn:
+                    await migrate(conn)
+            except BaseException:
+                pool.terminate()
+                raise
+            return Database(pool, settings.db_timeout)
+        except _PERMANENT:
+            raise
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+        ) as exc:
+            if not wait:
+                raise
+            log.warning("database not reachable (%s); retrying in %.1fs", _describe(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]

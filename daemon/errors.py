@@ -1,0 +1,93 @@
+"""The contract's error table, and the one place driver failures become it.
+
+Handlers raise these; the service edge (daemon/service.py) turns any of them into
+the ADR-32 headers and the JSON error body. Anything that is not a RegistryError
+by the time it reaches the edge goes through `classify`, which knows the few
+driver failures that mean something to a client; the rest is a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+
+class RegistryError(Exception):
+    code: int = 500
+    status: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RegistryError):
+    code, status = 400, "bad_request"
+
+
+class Unauthorized(RegistryError):
+    code, status = 401, "unauthorized"
+
+
+class NotFound(RegistryError):
+    code, status = 404, "not_found"
+
+
+class Conflict(RegistryError):
+    code, status = 409, "conflict"
+
+
+class TooLarge(RegistryError):
+    code, status = 413, "too_large"
+
+
+class Unavailable(RegistryError):
+    code, status = 503, "unavailable"
+
+
+# Constraint names from schema.sql whose violation is the caller's doing.
+_NOT_FOUND_CONSTRAINTS = {
+    "replicas_node_id_fkey": "node not found",
+    "node_labels_node_id_fkey": "node not found",
+}
+_CONFLICT_CONSTRAINTS = {
+    "nodes_name_key": "a node with that name already exists",
+}
+
+# SQLSTATE classes that mean "the database is not there right now".
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+
+
+def classify(exc: BaseException) -> RegistryError | None:
+    """The contract error for a driver failure, or None for a real internal error."""
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        message = _NOT_FOUND_CONSTRAINTS.get(exc.constraint_name or "")
+        return NotFound(message) if message else None
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        message = _CONFLICT_CONSTRAINTS.get(exc.constraint_name or "")
+        return Conflict(message) if message else None
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if state.startswith(_UNAVAILABLE_SQLSTATE_CLASSES):
+            return Unavailable("database unavailable, retry later")
+        if isinstance(exc, asyncpg.QueryCanceledError):
+            return Unavailable("database timed out, retry later")
+        return None
+    if isinstance(exc, _OUR_BUGS):
+        return None
+    if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, asyncpg.InterfaceError)):
+        # Connection refused or reset, pool acquire timed out, connection closed
+        # mid-query, pool closing: all mean the database is not reachable now.
+        return Unavailable("database unavailable, retry later")
+    return None
+
+
+# Interface errors that come from how we called the driver, not from the network.
+_OUR_BUGS = (
+    ValueError,  # the driver's "invalid input for query argument" is also a ValueError
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+)

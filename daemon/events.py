@@ -1,0 +1,73 @@
+"""Events the daemon publishes, always after the database commit they describe."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import orjson
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger("registryd.events")
+
+PREFIX_CACHE_INVALIDATE = "prefixcache.invalidate"
+ALL_REPLICAS = -1
+
+
+class Events:
+    def __init__(self, nc: NATS, subject_prefix: str) -> None:
+        self._nc = nc
+        self._node_prefix = f"{subject_prefix}.events.node."
+
+    async def node(
+        self,
+        node_id: str,
+        name: str,
+        status: str,
+        previous_status: str | None,
+        reason: str,
+    ) -> None:
+        """A registration, a status change, or a deregistration of one node."""
+        log.info(
+            "node %s (%s): %s -> %s (%s)",
+            name,
+            node_id,
+            previous_status or "new",
+            status,
+            reason,
+            extra={
+                "node_id": node_id,
+                "node": name,
+                "status": status,
+                "previous_status": previous_status,
+                "reason": reason,
+            },
+        )
+        await self._publish(
+            self._node_prefix + node_id,
+            {
+                "node_id": node_id,
+                "name": name,
+                "status": status,
+                "previous_status": previous_status,
+                "reason": reason,
+            },
+        )
+
+    async def replicas_removed(
+        self, node_id: str, models: Iterable[str], replica: int = ALL_REPLICAS
+    ) -> None:
+        """Tell prefix-cache indexes to forget replicas that no longer exist."""
+        for model in models:
+            await self._publish(
+                PREFIX_CACHE_INVALIDATE,
+                {"model": model, "node_id": node_id, "replica": replica},
+            )
+
+    async def _publish(self, subject: str, payload: dict[str, object]) -> None:
+        # The change is committed; an event lost to a closed connection must not
+        # turn the caller's success into an error. nats-py buffers while reconnecting.
+        try:
+            await self._nc.publish(subject, orjson.dumps(payload))
+        except Exception:
+            log.warning("could not publish event on %s", subject, exc_info=True)

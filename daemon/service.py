@@ -1,0 +1,255 @@
+"""The NATS edge: one `nats.micro` service, one endpoint per operation.
+
+Two things here differ from a plain `service.add_endpoint(handler)`:
+
+* nats-py delivers a subscription's messages to its callback one at a time, so a
+  handler that awaits SQL would serialise every request on that endpoint. Our
+  endpoints hand each message to its own task instead, bounded by one semaphore
+  (REGISTRY_MAX_CONCURRENCY) so a flood queues in NATS rather than in memory.
+* nats.micro replies to a raised ServiceError with headers only and to anything
+  else with repr(exc). The contract wants a JSON error body too and never an
+  internal detail, so our endpoints reply themselves and keep the statistics that
+  $SRV.STATS reports (requests, errors, processing time) as the library would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
+from pydantic import ValidationError
+
+from daemon import __version__
+from daemon.errors import BadRequest, RegistryError, TooLarge, classify
+from subjects import OPERATIONS
+from subjects.base import Context, Operation, Reply
+
+log = logging.getLogger("registryd.service")
+
+SERVICE_NAME = "registry"
+QUEUE_GROUP = "registry"
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+JSON_OPTIONS = orjson.OPT_UTC_Z
+
+
+class Limiter:
+    """Counts requests in progress across all endpoints, and bounds them."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def spawn(self, work: Any, name: str) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not self._tasks:
+            self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class RegistryEndpoint(Endpoint):
+    """A micro endpoint that serves its requests concurrently (see module doc)."""
+
+    def __init__(
+        self, service: Service, op: Operation[Any], subject: str, ctx: Context, limiter: Limiter
+    ) -> None:
+        super().__init__(
+            service,
+            EndpointConfig(
+                name=op.name,
+                subject=subject,
+                handler=self._unused,
+                queue_group=QUEUE_GROUP,
+                metadata={"description": op.description} if op.description else None,
+            ),
+        )
+        self._op = op
+        self._ctx = ctx
+        self._limiter = limiter
+
+    @staticmethod
+    async def _unused(_: Any) -> None:  # pragma: no cover - the library needs a handler
+        raise AssertionError("RegistryEndpoint dispatches messages itself")
+
+    async def _start(self) -> None:
+        assert not self._subscription
+        self._subscription = await self._service._client.subscribe(
+            subject=self._subject,
+            queue=self._queue_group,
+            cb=self._dispatch,
+            # Requests wait in the client while every slot is busy; allow a deep
+            # queue before nats-py declares us a slow consumer and drops.
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+
+    async def drain(self) -> None:
+        """Stop taking requests; those already delivered to us are still served."""
+        if self._subscription is not None:
+            await self._subscription.drain()
+
+    async def _dispatch(self, msg: Msg) -> None:
+        await self._limiter.spawn(self._serve(msg), name=f"req:{self._op.name}")
+
+    async def _serve(self, msg: Msg) -> None:
+        started = time.perf_counter_ns()
+        self._num_requests += 1
+        try:
+            body, headers = await self._answer(msg)
+        except RegistryError as err:
+            self._num_errors += 1
+            self._last_error = f"{err.code}:{err.message}"
+            body, headers = error_reply(err)
+        if msg.reply:
+            try:
+                await self._service._client.publish(msg.reply, body, headers=headers)
+            except Exception:
+                log.warning("could not send reply for %s", self._op.name, exc_info=True)
+        elapsed = time.perf_counter_ns() - started
+        self._processing_time += elapsed
+        self._average_processing_time = int(self._processing_time / self._num_requests)
+
+    async def _answer(self, msg: Msg) -> tuple[bytes, dict[str, str] | None]:
+        op, settings = self._op, self._ctx.settings
+        if len(msg.data) > settings.max_payload:
+            raise TooLarge(
+                f"request body is {len(msg.data)} bytes; the limit is {settings.max_payload}"
+            )
+        fields = parse_body(msg.data)
+        if op.subject_field:
+            fields[op.subject_field] = msg.subject.rsplit(".", 1)[-1]
+        try:
+            request = op.model.model_validate(fields)
+        except ValidationError as exc:
+            raise BadRequest(describe_validation(exc)) from None
+        try:
+            result = await op.handler(self._ctx, request)
+        except Exception as exc:
+            mapped = classify(exc)
+            if mapped is not None:
+                raise mapped from None
+            request_id = uuid.uuid4().hex[:12]
+            log.error(
+                "internal error in %s (request id %s)",
+                op.name,
+                request_id,
+                exc_info=exc,
+                extra={"request_id": request_id, "operation": op.name},
+            )
+            raise RegistryError(f"internal error (request id {request_id})") from None
+        headers = None
+        if isinstance(result, Reply):
+            headers = dict(result.headers) or None
+            result = result.body
+        body = orjson.dumps(result, option=JSON_OPTIONS)
+        limit = self._service._client.max_payload
+        if limit and len(body) > limit:
+            raise TooLarge(
+                f"the reply would be {len(body)} bytes, more than NATS allows ({limit}); "
+                "ask for pages with 'limit' and 'after'"
+            )
+        return body, headers
+
+
+def parse_body(data: bytes) -> dict[str, Any]:
+    if not data.strip():
+        return {}
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("body must be a JSON object")
+    return value
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One sentence naming the first bad field, e.g. "total_vram: must be ≤ …"."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "missing":
+        return f"missing required field '{where}'"
+    message = err["msg"].removeprefix("Value error, ")
+    message = message[0].lower() + message[1:] if message else "invalid value"
+    return f"invalid field '{where}': {message}"
+
+
+def error_reply(err: RegistryError) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps({"error": {"code": err.code, "status": err.status, "message": err.message}})
+    # Header values cannot carry line breaks.
+    description = " ".join(err.message.split())
+    return body, {ERROR_HEADER: description, ERROR_CODE_HEADER: str(err.code)}
+
+
+class RegistryService:
+    """The `registry` micro service with every operation of the contract."""
+
+    def __init__(self, nc: NATS, ctx: Context) -> None:
+        self._nc = nc
+        self._ctx = ctx
+        self.limiter = Limiter(ctx.settings.max_concurrency)
+        self._service = Service(
+            nc,
+            ServiceConfig(
+                name=SERVICE_NAME,
+                version=__version__,
+                description="registryd: node and replica registry for distributed inference",
+                queue_group=QUEUE_GROUP,
+                metadata={"subject_prefix": ctx.settings.subject_prefix},
+            ),
+        )
+        self._endpoints: list[RegistryEndpoint] = []
+
+    def subject(self, op: Operation[Any]) -> str:
+        base = f"{self._ctx.settings.subject_prefix}.{op.name}"
+        return base + ".*" if op.subject_field else base
+
+    async def start(self) -> None:
+        await self._service.start()
+        for op in OPERATIONS:
+            endpoint = RegistryEndpoint(
+                self._service, op, self.subject(op), self._ctx, self.limiter
+            )
+            await endpoint._start()
+            self._service._endpoints.append(endpoint)
+            self._endpoints.append(endpoint)
+        await self._nc.flush()
+
+    async def stop(self, grace: float) -> None:
+        """Take no new requests, let those in progress finish (up to `grace` s)."""
+        for endpoint in self._endpoints:
+            try:
+                await endpoint.drain()
+            except Exception:
+                log.debug("endpoint drain failed", exc_info=True)
+        try:
+            await asyncio.wait_for(self.limiter.wait_idle(), timeout=grace)
+        except TimeoutError:
+            log.warning(
+                "%d requests still running after %.0fs; stopping anyway",
+                self.limiter.in_flight,
+                grace,
+            )

@@ -1,0 +1,108 @@
+-- registryd schema: the whole current shape of the registry.
+--
+-- Applied at every start-up inside one transaction that holds an advisory
+-- lock (daemon/db.py), so it must stay idempotent: IF NOT EXISTS everywhere,
+-- and later columns as ALTER TABLE … ADD COLUMN IF NOT EXISTS below the table.
+-- Every timestamp defaults to the database clock, never the daemon host's.
+--
+-- Byte counts are bigint: the wire allows 0 ≤ n ≤ 2^63−1, which is exactly
+-- PostgreSQL's bigint range, and the checks keep counters from going negative.
+
+CREATE TABLE IF NOT EXISTS nodes (
+    id                                  text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+    name                                text NOT NULL CONSTRAINT nodes_name_key UNIQUE
+                                        CHECK (name <> '' AND length(name) <= 255),
+    node_type                           text NOT NULL DEFAULT 'backend'
+                                        CONSTRAINT nodes_node_type_check
+                                        CHECK (node_type IN ('backend', 'agent')),
+    address                             text NOT NULL DEFAULT '' CHECK (length(address) <= 512),
+    http_address                        text NOT NULL DEFAULT '' CHECK (length(http_address) <= 512),
+    status                              text NOT NULL DEFAULT 'registering'
+                                        CONSTRAINT nodes_status_check
+                                        CHECK (status IN ('registering', 'pending', 'healthy',
+                                                          'unhealthy', 'draining', 'offline')),
+    -- SHA-256 (hex) of the registration token the worker presented; never returned.
+    token_hash                          text NOT NULL DEFAULT '',
+    total_vram                          bigint NOT NULL DEFAULT 0 CHECK (total_vram >= 0),
+    available_vram                      bigint NOT NULL DEFAULT 0 CHECK (available_vram >= 0),
+    -- Soft, in-tick reservation by schedulers; the next VRAM reading clears it.
+    reserved_vram                       bigint NOT NULL DEFAULT 0 CHECK (reserved_vram >= 0),
+    total_ram                           bigint NOT NULL DEFAULT 0 CHECK (total_ram >= 0),
+    available_ram                       bigint NOT NULL DEFAULT 0 CHECK (available_ram >= 0),
+    gpu_vendor                          text NOT NULL DEFAULT '' CHECK (length(gpu_vendor) <= 32),
+    max_replicas_per_model              integer NOT NULL DEFAULT 1 CHECK (max_replicas_per_model >= 1),
+    -- An admin override of the value above; re-registration leaves it alone.
+    max_replicas_per_model_manually_set boolean NOT NULL DEFAULT false,
+    -- Auth records LocalAI provisions for agent workers; never returned.
+    auth_user_id                        text NOT NULL DEFAULT '',
+    api_key_id                          text NOT NULL DEFAULT '',
+    last_heartbeat                      timestamptz NOT NULL DEFAULT now(),
+    created_at                          timestamptz NOT NULL DEFAULT now(),
+    updated_at                          timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS nodes_status_idx ON nodes (status, node_type);
+
+-- One row per model replica on a node (Go: NodeModel).
+CREATE TABLE IF NOT EXISTS replicas (
+    id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+    node_id         text NOT NULL
+                    CONSTRAINT replicas_node_id_fkey REFERENCES nodes (id) ON DELETE CASCADE,
+    model_name      text NOT NULL CHECK (model_name <> '' AND length(model_name) <= 255),
+    replica_index   integer NOT NULL DEFAULT 0 CHECK (replica_index >= 0),
+    address         text NOT NULL DEFAULT '' CHECK (length(address) <= 512),
+    state           text NOT NULL DEFAULT 'idle'
+                    CONSTRAINT replicas_state_check
+                    CHECK (state IN ('loading', 'loaded', 'unloading', 'idle')),
+    in_flight       integer NOT NULL DEFAULT 0 CONSTRAINT replicas_in_flight_check CHECK (in_flight >= 0),
+    last_used       timestamptz NOT NULL DEFAULT now(),
+    loading_by      text NOT NULL DEFAULT '' CHECK (length(loading_by) <= 255),
+    backend_type    text NOT NULL DEFAULT '' CHECK (length(backend_type) <= 128),
+    model_opts      bytea,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT replicas_node_model_index_key UNIQUE (node_id, model_name, replica_index)
+);
+
+-- The pick path reads loaded replicas of one model; the unique key above
+-- serves every lookup by node.
+CREATE INDEX IF NOT EXISTS replicas_model_state_idx ON replicas (model_name, state);
+
+CREATE TABLE IF NOT EXISTS node_labels (
+    node_id text NOT NULL
+            CONSTRAINT node_labels_node_id_fkey REFERENCES nodes (id) ON DELETE CASCADE,
+    key     text NOT NULL CHECK (key <> '' AND length(key) <= 128),
+    value   text NOT NULL CHECK (length(value) <= 255),
+    CONSTRAINT node_labels_pkey PRIMARY KEY (node_id, key)
+);
+
+CREATE INDEX IF NOT EXISTS node_labels_key_value_idx ON node_labels (key, value);
+
+-- Per-model scheduling and autoscaling (Go: ModelSchedulingConfig).
+CREATE TABLE IF NOT EXISTS scheduling_configs (
+    id                      text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+    model_name              text NOT NULL CONSTRAINT scheduling_configs_model_name_key UNIQUE
+                            CHECK (model_name <> '' AND length(model_name) <= 255),
+    -- The selector as JSON text, {"key": "value", …}; '' when there is none.
+    node_selector           text NOT NULL DEFAULT '',
+    min_replicas            integer NOT NULL DEFAULT 0 CHECK (min_replicas >= 0),
+    max_replicas            integer NOT NULL DEFAULT 0 CHECK (max_replicas >= 0),
+    route_policy            text NOT NULL DEFAULT '' CHECK (length(route_policy) <= 32),
+    balance_abs_threshold   integer NOT NULL DEFAULT 0 CHECK (balance_abs_threshold >= 0),
+    balance_rel_threshold   double precision NOT NULL DEFAULT 0 CHECK (balance_rel_threshold >= 0),
+    min_prefix_match        double precision NOT NULL DEFAULT 0 CHECK (min_prefix_match >= 0),
+    unsatisfiable_until     timestamptz,
+    unsatisfiable_ticks     integer NOT NULL DEFAULT 0 CHECK (unsatisfiable_ticks >= 0),
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now()
+);
+
+-- Load metadata per model, kept apart from replica rows so it survives them
+-- (Go: ModelLoadInfo).
+CREATE TABLE IF NOT EXISTS model_load_info (
+    model_name      text PRIMARY KEY CHECK (model_name <> '' AND length(model_name) <= 255),
+    backend_type    text NOT NULL DEFAULT '' CHECK (length(backend_type) <= 128),
+    model_opts      bytea,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,523 @@
+"""Nodes: registration, approval, status changes, heartbeats and look-ups.
+
+Semantics follow LocalAI's NodeRegistry (reference/registry.go). Where a change
+removes replica rows (re-registration, offline, drain, deregistration) the node
+row is locked by a first statement and the rows are removed by a second, so the
+`prefixcache.invalidate` events name exactly the rows that went: a replica added
+concurrently either waits for us or is removed and announced with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated, Any, Literal, NoReturn
+
+import asyncpg
+from pydantic import Field, StringConstraints
+
+from daemon.errors import BadRequest, Conflict, NotFound, Unauthorized
+from subjects.base import (
+    OK,
+    ByteCount,
+    Context,
+    Group,
+    Labels,
+    NodeId,
+    NodeRef,
+    Paged,
+    Request,
+    page,
+    record,
+    records,
+)
+
+group = Group()
+
+NODE_COLUMNS = """
+    n.id, n.name, n.node_type, n.address, n.http_address, n.status,
+    n.total_vram, n.available_vram, n.reserved_vram, n.total_ram, n.available_ram,
+    n.gpu_vendor, n.max_replicas_per_model, n.max_replicas_per_model_manually_set,
+    n.last_heartbeat, n.created_at, n.updated_at"""
+
+# model_count counts loaded replicas; in_flight_count sums loaded and unloading
+# ones, as Go's ListWithExtras does.
+EXTRAS_COLUMNS = """
+    (SELECT count(*) FROM replicas r
+      WHERE r.node_id = n.id AND r.state = 'loaded')::int AS model_count,
+    (SELECT COALESCE(sum(r.in_flight), 0) FROM replicas r
+      WHERE r.node_id = n.id AND r.state IN ('loaded', 'unloading'))::int AS in_flight_count,
+    (SELECT COALESCE(jsonb_object_agg(l.key, l.value), '{}') FROM node_labels l
+      WHERE l.node_id = n.id) AS labels"""
+
+
+def wake_scheduling(when: str = "true") -> str:
+    """A CTE clause for every change that can add capacity (when `when` holds):
+    the reconciler's cooldown flags are cleared so it tries again next tick."""
+    return f"""
+    woken AS (
+        UPDATE scheduling_configs
+           SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0, updated_at = now()
+         WHERE ({when}) AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)
+    )"""
+
+
+LOCK_NODE = "SELECT id, name, status FROM nodes WHERE id = $1 FOR UPDATE"
+
+REMOVE_NODE_REPLICAS = """
+    WITH gone AS (DELETE FROM replicas WHERE node_id = $1 RETURNING model_name)
+    SELECT DISTINCT model_name FROM gone ORDER BY model_name"""
+
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+Address = Annotated[str, StringConstraints(max_length=512)]
+NodeType = Literal["backend", "agent"]
+
+
+# ---------------------------------------------------------------- register
+
+
+class RegisterRequest(Request):
+    name: Name
+    address: Address | None = None
+    node_type: NodeType | None = None
+    http_address: Address | None = None
+    token: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    total_vram: ByteCount | None = None
+    available_vram: ByteCount | None = None
+    total_ram: ByteCount | None = None
+    available_ram: ByteCount | None = None
+    gpu_vendor: Annotated[str, StringConstraints(max_length=32)] | None = None
+    max_replicas_per_model: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    labels: Labels | None = None
+
+
+LOCK_NODE_BY_NAME = "SELECT id, status FROM nodes WHERE name = $1 FOR UPDATE"
+
+# Fields the worker leaves out keep their stored values on re-registration (as
+# Go's Updates(struct) leaves zero fields alone); a new node takes the defaults.
+# A manual max-replicas override survives; a node that was never approved stays
+# pending unless auto-approve is on.
+UPSERT_NODE = f"""
+    WITH up AS (
+        INSERT INTO nodes AS n (
+            name, node_type, address, http_address, token_hash,
+            total_vram, available_vram, total_ram, available_ram,
+            gpu_vendor, max_replicas_per_model, status)
+        VALUES (
+            $1, COALESCE($2::text, 'backend'), COALESCE($3::text, ''), COALESCE($4::text, ''),
+            COALESCE($5::text, ''), COALESCE($6::bigint, 0), COALESCE($7::bigint, 0),
+            COALESCE($8::bigint, 0), COALESCE($9::bigint, 0), COALESCE($10::text, ''),
+            COALESCE($11::int, 1), CASE WHEN $12::bool THEN 'healthy' ELSE 'pending' END)
+        ON CONFLICT (name) DO UPDATE SET
+            node_type      = COALESCE($2, n.node_type),
+            address        = COALESCE($3, n.address),
+            http_address   = COALESCE($4, n.http_address),
+            token_hash     = COALESCE($5, n.token_hash),
+            total_vram     = COALESCE($6, n.total_vram),
+            available_vram = COALESCE($7, n.available_vram),
+            reserved_vram  = CASE WHEN $7::bigint IS NULL THEN n.reserved_vram ELSE 0 END,
+            total_ram      = COALESCE($8, n.total_ram),
+            available_ram  = COALESCE($9, n.available_ram),
+            gpu_vendor     = COALESCE($10, n.gpu_vendor),
+            max_replicas_per_model = CASE
+                WHEN n.max_replicas_per_model_manually_set THEN n.max_replicas_per_model
+                ELSE COALESCE($11, n.max_replicas_per_model) END,
+            status = CASE WHEN $12 OR n.status <> 'pending' THEN 'healthy' ELSE 'pending' END,
+            last_heartbeat = now(),
+            updated_at     = now()
+        RETURNING n.*
+    ),
+    labelled AS (
+        INSERT INTO node_labels (node_id, key, value)
+        SELECT up.id, l.key, l.value
+          FROM up, LATERAL (
+                SELECT * FROM unnest($13::text[], $14::text[]) AS t(key, value)
+                UNION ALL
+                SELECT 'node.replica-slots', up.max_replicas_per_model::text) AS l
+        ON CONFLICT (node_id, key) DO UPDATE SET value = EXCLUDED.value
+    ),
+    {wake_scheduling()}
+    SELECT {NODE_COLUMNS} FROM up AS n"""
+
+
+def vram_bucket(total_vram: int) -> str:
+    """The `gpu.vram` label: coarse buckets so selectors match similar cards."""
+    gib = total_vram // 2**30
+    for floor, label in ((80, "80GB+"), (48, "48GB"), (24, "24GB"), (16, "16GB"), (8, "8GB")):
+        if gib >= floor:
+            return label
+    return f"{gib}GB"
+
+
+def auto_labels(req: RegisterRequest) -> dict[str, str]:
+    labels = {"node.name": req.name}
+    if req.gpu_vendor:
+        labels["gpu.vendor"] = req.gpu_vendor
+    if req.total_vram:
+        labels["gpu.vram"] = vram_bucket(req.total_vram)
+    return labels
+
+
+def check_token(expected: str | None, given: str | None) -> None:
+    if expected is None:
+        return
+    # Compare digests so the comparison takes the same time whatever the length.
+    want = hashlib.sha256(expected.encode()).digest()
+    got = hashlib.sha256((given or "").encode()).digest()
+    if given is None or not hmac.compare_digest(want, got):
+        raise Unauthorized("registration token missing or wrong")
+
+
+@group.op("register", RegisterRequest)
+async def register(ctx: Context, req: RegisterRequest) -> Any:
+    """Register a worker node, or re-register it after a restart."""
+    secret = ctx.settings.registration_token
+    check_token(secret.get_secret_value() if secret else None, req.token)
+    node_type = req.node_type or "backend"
+    if node_type == "backend" and not req.address:
+        raise_missing("address", "a backend node needs the address of its gRPC server")
+    max_replicas = None
+    if req.max_replicas_per_model is not None:
+        max_replicas = max(1, req.max_replicas_per_model)  # 0 means "the default", 1
+    token_hash = hashlib.sha256(req.token.encode()).hexdigest() if req.token else None
+    # Worker labels merge into the node's (admin labels stay); auto labels win.
+    labels = {**(req.labels or {}), **auto_labels(req)}
+    labels.pop("node.replica-slots", None)  # mirrors the effective cap, set in SQL
+
+    async with ctx.db.transaction() as conn:
+        prev = await conn.fetchrow(LOCK_NODE_BY_NAME, req.name)
+        removed: list[str] = []
+        if prev is not None:
+            # The worker restarted: nothing it had loaded is loaded any more.
+            removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, prev["id"])]
+        row = await conn.fetchrow(
+            UPSERT_NODE,
+            req.name,
+            req.node_type,
+            req.address,
+            req.http_address,
+            token_hash,
+            req.total_vram,
+            req.available_vram,
+            req.total_ram,
+            req.available_ram,
+            req.gpu_vendor,
+            max_replicas,
+            ctx.settings.auto_approve,
+            list(labels),
+            list(labels.values()),
+        )
+    assert row is not None
+    await ctx.events.replicas_removed(row["id"], removed)
+    await ctx.events.node(
+        row["id"],
+        row["name"],
+        row["status"],
+        prev["status"] if prev else None,
+        "registered",
+    )
+    return record(row)
+
+
+def raise_missing(field: str, why: str) -> NoReturn:
+    raise BadRequest(f"missing required field '{field}': {why}")
+
+
+# ---------------------------------------------------------------- approve
+
+
+APPROVE = f"""
+    WITH old AS (SELECT id, status FROM nodes WHERE id = $1 FOR UPDATE),
+    up AS (
+        UPDATE nodes n SET status = 'healthy', updated_at = now()
+          FROM old WHERE n.id = old.id AND old.status = 'pending'
+        RETURNING n.*
+    ),
+    {wake_scheduling("EXISTS (SELECT 1 FROM up)")}
+    SELECT old.status AS previous_status, {NODE_COLUMNS}
+      FROM old LEFT JOIN up AS n ON true"""
+
+
+@group.op("approve", NodeRef)
+async def approve(ctx: Context, req: NodeRef) -> Any:
+    """Approve a pending node: it becomes healthy and can take work."""
+    row = await ctx.db.fetchrow(APPROVE, req.node_id)
+    if row is None:
+        raise NotFound(f"node {req.node_id} not found")
+    if row["id"] is None:
+        raise Conflict(f"node {req.node_id} is {row['previous_status']}, not pending")
+    node = record(row)
+    assert node is not None
+    del node["previous_status"]
+    await ctx.events.node(node["id"], node["name"], "healthy", "pending", "approved")
+    return node
+
+
+# ---------------------------------------------------------------- status changes
+
+
+SET_STATUS = """
+    UPDATE nodes SET status = $2, updated_at = now() WHERE id = $1"""
+
+
+async def change_status(
+    ctx: Context, node_id: str, status: str, *, clear_replicas: bool, reason: str
+) -> Any:
+    async with ctx.db.transaction() as conn:
+        old = await conn.fetchrow(LOCK_NODE, node_id)
+        if old is None:
+            raise NotFound(f"node {node_id} not found")
+        if status == "healthy" and old["status"] == "pending":
+            raise Conflict(f"node {node_id} is pending; approve it first")
+        await conn.execute(SET_STATUS, node_id, status)
+        removed: list[str] = []
+        if clear_replicas:
+            removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, node_id)]
+    await ctx.events.replicas_removed(node_id, removed)
+    if old["status"] != status:
+        await ctx.events.node(node_id, old["name"], status, old["status"], reason)
+    return OK
+
+
+@group.op("offline", NodeRef)
+async def offline(ctx: Context, req: NodeRef) -> Any:
+    """Mark a node offline (a graceful worker shutdown); its replicas are cleared."""
+    return await change_status(ctx, req.node_id, "offline", clear_replicas=True, reason="offline")
+
+
+@group.op("unhealthy", NodeRef)
+async def unhealthy(ctx: Context, req: NodeRef) -> Any:
+    """Mark a node unhealthy; its replicas stay (the next heartbeat may revive it)."""
+    return await change_status(
+        ctx, req.node_id, "unhealthy", clear_replicas=False, reason="marked unhealthy"
+    )
+
+
+@group.op("healthy", NodeRef)
+async def healthy(ctx: Context, req: NodeRef) -> Any:
+    """Mark a node healthy (a pending node needs approve instead)."""
+    return await change_status(
+        ctx, req.node_id, "healthy", clear_replicas=False, reason="marked healthy"
+    )
+
+
+@group.op("drain", NodeRef)
+async def drain(ctx: Context, req: NodeRef) -> Any:
+    """Drain a node: no new work, and its replicas are cleared."""
+    return await change_status(ctx, req.node_id, "draining", clear_replicas=True, reason="drain")
+
+
+# ---------------------------------------------------------------- deregister
+
+
+DELETE_NODE = "DELETE FROM nodes WHERE id = $1"
+
+
+@group.op("deregister", NodeRef)
+async def deregister(ctx: Context, req: NodeRef) -> Any:
+    """Remove a node with its replicas and labels."""
+    async with ctx.db.transaction() as conn:
+        old = await conn.fetchrow(LOCK_NODE, req.node_id)
+        if old is None:
+            raise NotFound(f"node {req.node_id} not found")
+        removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, req.node_id)]
+        await conn.execute(DELETE_NODE, req.node_id)
+    await ctx.events.replicas_removed(req.node_id, removed)
+    await ctx.events.node(req.node_id, old["name"], "deregistered", old["status"], "deregistered")
+    return OK
+
+
+# ---------------------------------------------------------------- heartbeat
+
+
+class HeartbeatRequest(Request):
+    node_id: NodeId
+    available_vram: ByteCount | None = None
+    total_vram: ByteCount | None = None
+    available_ram: ByteCount | None = None
+    gpu_vendor: Annotated[str, StringConstraints(max_length=32)] | None = None
+
+
+# Pending and offline nodes only get their timestamp: they come back through
+# approval or re-registration, not through a heartbeat. A fresh VRAM reading
+# replaces the schedulers' soft reservation.
+HEARTBEAT = """
+    UPDATE nodes SET
+        last_heartbeat = now(),
+        available_vram = CASE WHEN status IN ('pending', 'offline') OR $2::bigint IS NULL
+                              THEN available_vram ELSE $2 END,
+        reserved_vram  = CASE WHEN status IN ('pending', 'offline') OR $2::bigint IS NULL
+                              THEN reserved_vram ELSE 0 END,
+        total_vram     = CASE WHEN status IN ('pending', 'offline') OR $3::bigint IS NULL
+                              THEN total_vram ELSE $3 END,
+        available_ram  = CASE WHEN status IN ('pending', 'offline') OR $4::bigint IS NULL
+                              THEN available_ram ELSE $4 END,
+        gpu_vendor     = CASE WHEN status IN ('pending', 'offline') OR COALESCE($5, '') = ''
+                              THEN gpu_vendor ELSE $5 END
+    WHERE id = $1
+    RETURNING id"""
+
+
+@group.op("heartbeat", HeartbeatRequest, subject_field="node_id")
+async def heartbeat(ctx: Context, req: HeartbeatRequest) -> Any:
+    """A worker's heartbeat on registry.heartbeat.<node_id>, with its free VRAM."""
+    found = await ctx.db.fetchval(
+        HEARTBEAT,
+        req.node_id,
+        req.available_vram,
+        req.total_vram,
+        req.available_ram,
+        req.gpu_vendor,
+    )
+    if found is None:
+        raise NotFound(f"node {req.node_id} not found")
+    return OK
+
+
+# ---------------------------------------------------------------- auth refs
+
+
+class AuthRefsRequest(Request):
+    node_id: NodeId
+    auth_user_id: Annotated[str, StringConstraints(max_length=255)] = ""
+    api_key_id: Annotated[str, StringConstraints(max_length=255)] = ""
+
+
+AUTH_REFS = """
+    UPDATE nodes SET auth_user_id = $2, api_key_id = $3, updated_at = now()
+     WHERE id = $1 RETURNING id"""
+
+
+@group.op("auth_refs", AuthRefsRequest)
+async def auth_refs(ctx: Context, req: AuthRefsRequest) -> Any:
+    """Record the user and API key LocalAI provisioned for a node (never returned)."""
+    if await ctx.db.fetchval(AUTH_REFS, req.node_id, req.auth_user_id, req.api_key_id) is None:
+        raise NotFound(f"node {req.node_id} not found")
+    return OK
+
+
+# ---------------------------------------------------------------- get / list / stale
+
+
+class GetRequest(Request):
+    node_id: NodeId | None = None
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+
+
+GET_BY_ID = f"SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS} FROM nodes n WHERE n.id = $1"
+GET_BY_NAME = f"SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS} FROM nodes n WHERE n.name = $1"
+
+
+@group.op("get", GetRequest)
+async def get(ctx: Context, req: GetRequest) -> Any:
+    """One node with its model count, in-flight count and labels, by id or name."""
+    if req.node_id is not None:
+        row = await ctx.db.fetchrow(GET_BY_ID, req.node_id)
+        what = req.node_id
+    elif req.name is not None:
+        row = await ctx.db.fetchrow(GET_BY_NAME, req.name)
+        what = f"named {req.name!r}"
+    else:
+        raise_missing("node_id", "give 'node_id' or 'name'")
+    if row is None:
+        raise NotFound(f"node {what} not found")
+    return record(row)
+
+
+class ListRequest(Paged):
+    extras: bool = False
+
+
+LIST = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n
+     WHERE $1::text IS NULL OR n.name > $1
+     ORDER BY n.name LIMIT $2"""
+LIST_WITH_EXTRAS = f"""
+    SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS} FROM nodes n
+     WHERE $1::text IS NULL OR n.name > $1
+     ORDER BY n.name LIMIT $2"""
+
+
+def by_name(node: dict[str, Any]) -> list[Any]:
+    return [node["name"]]
+
+
+@group.op("list", ListRequest)
+async def list_nodes(ctx: Context, req: ListRequest) -> Any:
+    """Every node, by name; with `extras`, also model count, in-flight count, labels."""
+    rows = await ctx.db.fetch(
+        LIST_WITH_EXTRAS if req.extras else LIST, *req.cursor(str), req.sql_limit()
+    )
+    return page(req, records(rows), by_name)
+
+
+class StaleRequest(Paged):
+    threshold_s: Annotated[float, Field(ge=0, le=10 * 365 * 86400, allow_inf_nan=False)]
+
+
+# Unhealthy, offline and pending nodes are not expected to heartbeat.
+STALE = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n
+     WHERE n.last_heartbeat < now() - make_interval(secs => $1)
+       AND n.status NOT IN ('unhealthy', 'offline', 'pending')
+       AND ($2::text IS NULL OR n.name > $2)
+     ORDER BY n.name LIMIT $3"""
+
+
+@group.op("stale", StaleRequest)
+async def stale(ctx: Context, req: StaleRequest) -> Any:
+    """Active nodes whose last heartbeat is older than `threshold_s` seconds."""
+    rows = await ctx.db.fetch(STALE, req.threshold_s, *req.cursor(str), req.sql_limit())
+    return page(req, records(rows), by_name)
+
+
+# ---------------------------------------------------------------- max replicas
+
+
+class MaxReplicasRequest(Request):
+    node_id: NodeId
+    max_replicas_per_model: Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+SET_MAX_REPLICAS = f"""
+    WITH n AS (
+        UPDATE nodes SET max_replicas_per_model = $2,
+                         max_replicas_per_model_manually_set = true,
+                         updated_at = now()
+         WHERE id = $1
+        RETURNING *
+    ),
+    slots AS (
+        INSERT INTO node_labels (node_id, key, value)
+        SELECT id, 'node.replica-slots', $2::text FROM n
+        ON CONFLICT (node_id, key) DO UPDATE SET value = EXCLUDED.value
+    ),
+    {wake_scheduling("EXISTS (SELECT 1 FROM n)")}
+    SELECT {NODE_COLUMNS} FROM n"""
+
+RESET_MAX_REPLICAS = f"""
+    UPDATE nodes n SET max_replicas_per_model_manually_set = false, updated_at = now()
+     WHERE id = $1
+    RETURNING {NODE_COLUMNS}"""
+
+
+@group.op("max_replicas", MaxReplicasRequest)
+async def max_replicas(ctx: Context, req: MaxReplicasRequest) -> Any:
+    """Set a node's per-model replica cap as an admin override that survives restarts."""
+    row = await ctx.db.fetchrow(SET_MAX_REPLICAS, req.node_id, req.max_replicas_per_model)
+    return node_or_404(row, req.node_id)
+
+
+@group.op("max_replicas_reset", NodeRef)
+async def max_replicas_reset(ctx: Context, req: NodeRef) -> Any:
+    """Hand the replica cap back to the worker: its next registration sets it."""
+    return node_or_404(await ctx.db.fetchrow(RESET_MAX_REPLICAS, req.node_id), req.node_id)
+
+
+def node_or_404(row: asyncpg.Record | None, node_id: str) -> dict[str, Any]:
+    node = record(row)
+    if node is None:
+        raise NotFound(f"node {node_id} not found")
+    return node

@@ -1,0 +1,172 @@
+"""Real PostgreSQL and a real nats-server with JetStream, never mocks.
+
+Where REGISTRY_TEST_DATABASE_URL / REGISTRY_TEST_NATS_URL are given, the suite
+uses those servers; otherwise it starts throwaway ones from the same wheels as
+`registryd --embedded`. Either way each run is isolated: its own template
+database (schema applied once), a fresh copy of it for every test, and a subject
+prefix and stream name of its own for every daemon.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from daemon import config, db, embedded
+from daemon.app import Daemon
+from tests.support import Client, connect
+
+RUN_ID = uuid.uuid4().hex[:8]
+_counter = itertools.count()
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def unix_socket_of(url: str) -> str | None:
+    """The socket path of a DSN such as postgresql://u@/db?host=/run/pg (or None)."""
+    parts = urlsplit(url)
+    host = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{parts.port or 5432}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("REGISTRY_TEST_NATS_URL")
+    if given:
+        yield given
+        return
+    server = embedded.start_nats(tmp_path_factory.mktemp("nats"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("REGISTRY_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = embedded.start_postgres(tmp_path_factory.mktemp("pg") / "data")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_url: str) -> AsyncIterator[str]:
+    name = f"registryd_tpl_{RUN_ID}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(with_database(pg_url, name))
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh copy of the template database for this test."""
+    name = f"registryd_{RUN_ID}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        yield with_database(pg_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to this test's database, to look behind the daemon."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def settings_for(nats_url: str, database_url: str) -> Callable[..., config.Settings]:
+    """Settings of a daemon of this test: its own subject prefix and stream."""
+    test_id = f"t{RUN_ID}{next(_counter)}"
+
+    def make(**overrides: Any) -> config.Settings:
+        values: dict[str, Any] = {
+            "nats_url": nats_url,
+            "database_url": database_url,
+            "subject_prefix": test_id,
+            "stream": f"REGISTRY_{test_id}",
+            "db_timeout": 3.0,
+        }
+        values.update(overrides)
+        return config.Settings.model_validate(values)
+
+    return make
+
+
+@pytest.fixture
+async def start_daemon(
+    settings_for: Callable[..., config.Settings],
+) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
+    """Start in-process daemons with setting overrides; all stopped after the test."""
+    daemons: list[Daemon] = []
+
+    async def start(**overrides: Any) -> Daemon:
+        daemon = Daemon(settings_for(**overrides), env={})
+        daemons.append(daemon)
+        await daemon.start()
+        return daemon
+
+    yield start
+    for daemon in reversed(daemons):
+        await daemon.stop(grace=5)
+
+
+@pytest.fixture
+async def daemon(start_daemon: Callable[..., Awaitable[Daemon]]) -> Daemon:
+    return await start_daemon()
+
+
+@pytest.fixture
+async def client(daemon: Daemon, nats_url: str) -> AsyncIterator[Client]:
+    nc = await connect(nats_url)
+    yield Client(nc, daemon.settings.subject_prefix)
+    await nc.close()
+
+
+@pytest.fixture
+def daemon_env(nats_url: str, database_url: str) -> dict[str, str]:
+    """Environment for a registryd subprocess of this test."""
+    test_id = f"t{RUN_ID}{next(_counter)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.update(
+        REGISTRY_NATS_URL=nats_url,
+        REGISTRY_DATABASE_URL=database_url,
+        REGISTRY_SUBJECT_PREFIX=test_id,
+        REGISTRY_STREAM=f"REGISTRY_{test_id}",
+        REGISTRY_STATE_DIR=str(Path(os.environ.get("TMPDIR", "/tmp")) / f"registryd-{test_id}"),
+    )
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    return env
+
+
+REGISTRYD = [sys.executable, "-m", "daemon"]

@@ -1,0 +1,171 @@
+"""Helpers the tests share: a NATS client for the registry, and a cuttable TCP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
+
+
+class CallError(Exception):
+    """An error reply: the code and message from the headers, and the JSON body."""
+
+    def __init__(self, code: int, message: str, body: dict[str, Any], headers: dict[str, str]):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.body = body
+        self.headers = headers
+
+
+@dataclass
+class Client:
+    """Talks to one registryd the way a router, worker or admin would."""
+
+    nc: NATS
+    prefix: str
+    timeout: float = 10.0
+
+    async def raw(self, op: str, data: bytes, headers: dict[str, str] | None = None) -> Msg:
+        return await self.nc.request(
+            f"{self.prefix}.{op}", data, timeout=self.timeout, headers=headers
+        )
+
+    async def call(self, op: str, body: Any = None, **fields: Any) -> Any:
+        """Send a request; the parsed reply, or CallError for an error reply."""
+        if body is None:
+            body = fields
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        reply = await self.raw(op, data)
+        return parse(reply)
+
+    async def call_with_headers(self, op: str, **fields: Any) -> tuple[Any, dict[str, str]]:
+        reply = await self.raw(op, orjson.dumps(fields))
+        return parse(reply), dict(reply.headers or {})
+
+    async def register(self, name: str, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("address", f"{name}.local:50051")
+        return await self.call("register", name=name, **fields)
+
+    async def healthy_node(self, name: str, **fields: Any) -> dict[str, Any]:
+        """A registered and approved backend node."""
+        node = await self.register(name, **fields)
+        if node["status"] == "pending":
+            node = await self.call("approve", node_id=node["id"])
+        return node
+
+    async def publish(self, subject: str, body: Any) -> None:
+        await self.nc.publish(f"{self.prefix}.{subject}", orjson.dumps(body))
+        await self.nc.flush()
+
+    async def listen(self, subject: str) -> Listener:
+        listener = Listener()
+        listener.sub = await self.nc.subscribe(subject, cb=listener.put)
+        await self.nc.flush()
+        return listener
+
+
+def parse(reply: Msg) -> Any:
+    headers = dict(reply.headers or {})
+    body = orjson.loads(reply.data) if reply.data else None
+    if ERROR_CODE_HEADER in headers:
+        raise CallError(int(headers[ERROR_CODE_HEADER]), headers[ERROR_HEADER], body, headers)
+    return body
+
+
+@dataclass
+class Listener:
+    """Collects the events published on one subject."""
+
+    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    sub: Any = None
+
+    async def put(self, msg: Msg) -> None:
+        await self.queue.put((msg.subject, orjson.loads(msg.data)))
+
+    async def next(self, timeout: float = 5.0) -> tuple[str, Any]:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def collect(self, count: int, timeout: float = 5.0) -> list[Any]:
+        return [(await self.next(timeout))[1] for _ in range(count)]
+
+    async def drained(self, nc: NATS) -> list[Any]:
+        """Everything received so far, after a round trip that flushes in-flight events."""
+        await nc.flush()
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait()[1])
+        return items
+
+
+async def connect(url: str) -> NATS:
+    return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+
+class Proxy:
+    """A TCP proxy in front of PostgreSQL that a test can cut and restore.
+
+    `cut()` closes every proxied connection and refuses new ones, which is what
+    a client sees when the database host goes away.
+    """
+
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.open = True
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        try:
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def cut(self) -> None:
+        self.open = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.open = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
