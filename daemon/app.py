@@ -192,7 +192,8 @@ def nats_options(s: Settings) -> dict[str, Any]:
 
 async def connect_nats(s: Settings) -> NATS:
     async def disconnected() -> None:
-        log.warning("NATS connection lost; reconnecting")
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("NATS connection lost; reconnecting")
 
     async def reconnected() -> None:
         log.info("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -83,7 +84,19 @@ async def serve(settings: config.Settings) -> int:
 
     if not settings.embedded:
         return await app.run(settings)
+    # Starting the servers takes a while (initdb on first use) and cannot be
+    # cut short: a SIGINT/SIGTERM meanwhile would otherwise leave nats-server
+    # running, orphaned. So note the signal, let them come up, stop them, exit.
+    # app.run installs its own handlers in place of these.
+    interrupted: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, interrupted.append, sig)
     servers = await asyncio.to_thread(embedded.start, settings.state_dir)
+    if interrupted:
+        log.info("%s received while starting; stopping", interrupted[0].name)
+        await asyncio.to_thread(servers.stop)
+        return 0
     try:
         settings = settings.model_copy(
             update={"nats_url": servers.nats.url, "database_url": SecretStr(servers.postgres.url)}
@@ -128,10 +141,28 @@ async def call(
         if url:
             settings = settings.model_copy(update={"nats_url": url})
     subject = f"{settings.subject_prefix}.{op}"
+    last_error: list[Exception] = []
+
+    async def connect_error(exc: Exception) -> None:
+        # nats-py's default prints a traceback for every failed attempt.
+        last_error[:] = [exc]
+
     try:
-        nc = await nats.connect(**nats_options(settings), allow_reconnect=False, connect_timeout=5)
+        # allow_reconnect=False does not bound the first connect: nats-py
+        # retries each server max_reconnect_attempts times (60, 2 s apart, by
+        # default) before it gives up. Two tries per server, then the error.
+        nc = await nats.connect(
+            **nats_options(settings),
+            allow_reconnect=False,
+            connect_timeout=5,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=connect_error,
+        )
     except Exception as exc:
-        print(f"registryd: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
+        reason = last_error[0] if last_error else exc
+        detail = str(reason) or type(reason).__name__
+        print(f"registryd: cannot reach NATS at {settings.nats_url}: {detail}", file=sys.stderr)
         return 1
     try:
         reply = await nc.request(subject, body.encode(), timeout=wait_s)

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+import orjson
 
 from daemon.config import Settings
 
@@ -102,6 +103,7 @@ async def connect(settings: Settings, *, wait: bool = True) -> Database:
                 # Bounded by db_timeout; a pool connection never lives forever
                 # so a failover to a standby is picked up.
                 max_inactive_connection_lifetime=300,
+                init=_init_connection,
             )
             assert pool is not None
             try:
@@ -125,6 +127,18 @@ async def connect(settings: Settings, *, wait: bool = True) -> Database:
             log.warning("database not reachable (%s); retrying in %.1fs", _describe(exc), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb arrive as Python values, not as text to parse again.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=_dumps, decoder=orjson.loads, format="text"
+        )
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ Two things here differ from a plain `service.add_endpoint(handler)`:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -180,10 +181,19 @@ def parse_body(data: bytes) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        # orjson stops at 64-bit integers; the standard parser reads any size,
+        # so a too-large byte count is reported against its field, not as bad JSON.
+        try:
+            value = json.loads(data, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest("body must be a JSON object")
     return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def describe_validation(exc: ValidationError) -> str:

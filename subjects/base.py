@@ -103,11 +103,16 @@ def records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Context:
-    """What a handler may touch: settings, the database, and the event publisher."""
+    """What a handler may touch: settings, the database, and the event publisher.
+
+    `state` is where an endpoint module keeps what must outlive one request in
+    this daemon (findlock's batches), keyed by the module's own name.
+    """
 
     settings: Settings
     db: Database
     events: Events
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 M = TypeVar("M", bound=Request)

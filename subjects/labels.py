@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon.errors import NotFound
 from subjects.base import OK, Context, Group, LabelKey, Labels, LabelValue, NodeId, NodeRef, Request
-from subjects.nodes import wake_scheduling
+from subjects.scheduling import wake_scheduling
 
 group = Group()
 

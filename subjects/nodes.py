@@ -31,6 +31,7 @@ from subjects.base import (
     record,
     records,
 )
+from subjects.scheduling import wake_scheduling
 
 group = Group()
 
@@ -49,17 +50,6 @@ EXTRAS_COLUMNS = """
       WHERE r.node_id = n.id AND r.state IN ('loaded', 'unloading'))::int AS in_flight_count,
     (SELECT COALESCE(jsonb_object_agg(l.key, l.value), '{}') FROM node_labels l
       WHERE l.node_id = n.id) AS labels"""
-
-
-def wake_scheduling(when: str = "true") -> str:
-    """A CTE clause for every change that can add capacity (when `when` holds):
-    the reconciler's cooldown flags are cleared so it tries again next tick."""
-    return f"""
-    woken AS (
-        UPDATE scheduling_configs
-           SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0, updated_at = now()
-         WHERE ({when}) AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)
-    )"""
 
 
 LOCK_NODE = "SELECT id, name, status FROM nodes WHERE id = $1 FOR UPDATE"
@@ -93,7 +83,8 @@ class RegisterRequest(Request):
     labels: Labels | None = None
 
 
-LOCK_NODE_BY_NAME = "SELECT id, status FROM nodes WHERE name = $1 FOR UPDATE"
+LOCK_NODE_BY_NAME = """
+    SELECT id, status, node_type, address FROM nodes WHERE name = $1 FOR UPDATE"""
 
 # Fields the worker leaves out keep their stored values on re-registration (as
 # Go's Updates(struct) leaves zero fields alone); a new node takes the defaults.
@@ -175,9 +166,6 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
     """Register a worker node, or re-register it after a restart."""
     secret = ctx.settings.registration_token
     check_token(secret.get_secret_value() if secret else None, req.token)
-    node_type = req.node_type or "backend"
-    if node_type == "backend" and not req.address:
-        raise_missing("address", "a backend node needs the address of its gRPC server")
     max_replicas = None
     if req.max_replicas_per_model is not None:
         max_replicas = max(1, req.max_replicas_per_model)  # 0 means "the default", 1
@@ -188,6 +176,10 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
 
     async with ctx.db.transaction() as conn:
         prev = await conn.fetchrow(LOCK_NODE_BY_NAME, req.name)
+        # Re-registration may leave out what the node already has.
+        node_type = req.node_type or (prev["node_type"] if prev else "backend")
+        if node_type == "backend" and not (req.address or (prev and prev["address"])):
+            raise_missing("address", "a backend node needs the address of its gRPC server")
         removed: list[str] = []
         if prev is not None:
             # The worker restarted: nothing it had loaded is loaded any more.

@@ -138,3 +138,4 @@ async def replica_remove_all(ctx: Context, req: NodeModelRef) -> Any:
     if await ctx.db.fetchval(REPLICA_REMOVE_ALL, req.node_id, req.model):
         await ctx.events.replicas_removed(req.node_id, [req.model])
     return OK
+

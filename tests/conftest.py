@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -44,23 +46,32 @@ def unix_socket_of(url: str) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def servers_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: it prunes the base directories of older sessions,
+    # which pulls the ground from under a second test run going on at once.
+    path = Path(tempfile.mkdtemp(prefix="registryd-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers_dir: Path) -> Iterator[str]:
     given = os.environ.get("REGISTRY_TEST_NATS_URL")
     if given:
         yield given
         return
-    server = embedded.start_nats(tmp_path_factory.mktemp("nats"))
+    server = embedded.start_nats(servers_dir / "nats")
     yield server.url
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_url(servers_dir: Path) -> Iterator[str]:
     given = os.environ.get("REGISTRY_TEST_DATABASE_URL")
     if given:
         yield given
         return
-    server = embedded.start_postgres(tmp_path_factory.mktemp("pg") / "data")
+    server = embedded.start_postgres(servers_dir / "postgres")
     yield server.url
     server.stop()
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import nats
 import orjson
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -62,6 +66,16 @@ class Client:
             node = await self.call("approve", node_id=node["id"])
         return node
 
+    async def replica(
+        self, node: dict[str, Any] | str, model: str = "m", index: int = 0, **fields: Any
+    ) -> dict[str, Any]:
+        """Record a replica (loaded, unless `state` says otherwise) on a node."""
+        fields.setdefault("state", "loaded")
+        node_id = node if isinstance(node, str) else node["id"]
+        return await self.call(
+            "replica_set", node_id=node_id, model=model, replica_index=index, **fields
+        )
+
     async def publish(self, subject: str, body: Any) -> None:
         await self.nc.publish(f"{self.prefix}.{subject}", orjson.dumps(body))
         await self.nc.flush()
@@ -104,6 +118,52 @@ class Listener:
         while not self.queue.empty():
             items.append(self.queue.get_nowait()[1])
         return items
+
+
+async def fails(call: Awaitable[Any], code: int, *words: str) -> CallError:
+    """Await a call that must fail with `code`; its message must contain `words`."""
+    with pytest.raises(CallError) as info:
+        await call
+    err = info.value
+    assert err.code == code, err
+    assert err.body["error"]["code"] == code
+    assert err.body["error"]["message"] == err.message
+    for word in words:
+        assert word in err.message, f"{word!r} not in {err.message!r}"
+    return err
+
+
+async def next_for(listener: Listener, node_id: str, timeout: float = 5.0) -> tuple[str, Any]:
+    """The next event about `node_id` (events about other nodes are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        subject, body = await listener.next(max(0.01, deadline - time.monotonic()))
+        if body.get("node_id") == node_id:
+            return subject, body
+
+
+async def drained_for(listener: Listener, client: Client, *node_ids: str) -> list[Any]:
+    """Events about `node_ids` received so far, after a flushing round trip
+    (the invalidation subject is global, so other nodes' events are ignored)."""
+    return [e for e in await listener.drained(client.nc) if e.get("node_id") in node_ids]
+
+
+async def add_cooldowns(pg: asyncpg.Connection, *models: str) -> None:
+    """Scheduling configs in cooldown, as the reconciler leaves them."""
+    for model in models:
+        await pg.execute(
+            """INSERT INTO scheduling_configs (model_name, unsatisfiable_ticks, unsatisfiable_until)
+               VALUES ($1, 3, now() + interval '1 hour')""",
+            model,
+        )
+
+
+async def cooldowns(pg: asyncpg.Connection) -> list[tuple[int, Any]]:
+    rows = await pg.fetch(
+        """SELECT unsatisfiable_ticks, unsatisfiable_until
+             FROM scheduling_configs ORDER BY model_name"""
+    )
+    return [(r[0], r[1]) for r in rows]
 
 
 async def connect(url: str) -> NATS:

@@ -1,0 +1,232 @@
+"""Scheduling: per-model placement and autoscaling configs, and their cooldowns.
+
+A config is keyed by model name. The reconciler (in LocalAI) bumps a config's
+`unsatisfiable_ticks` while the cluster has no room for the model, then marks it
+unsatisfiable until some time; any change that can add capacity (registration,
+approval, label changes, replica caps) clears those flags again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from pydantic import AwareDatetime, BeforeValidator, Field, StringConstraints, field_validator
+
+from daemon.errors import NotFound
+from subjects.base import (
+    MAX_INT32,
+    OK,
+    Context,
+    Group,
+    ModelName,
+    Paged,
+    Request,
+    page,
+    record,
+    records,
+)
+
+group = Group()
+
+COLUMNS = """
+    s.id, s.model_name, s.node_selector, s.min_replicas, s.max_replicas, s.route_policy,
+    s.balance_abs_threshold, s.balance_rel_threshold, s.min_prefix_match,
+    s.unsatisfiable_until, s.unsatisfiable_ticks, s.created_at, s.updated_at"""
+
+
+def wake_scheduling(when: str = "true") -> str:
+    """A CTE clause for every change that can add capacity (when `when` holds):
+    the reconciler's cooldown flags are cleared so it tries again next tick."""
+    return f"""
+    woken AS (
+        UPDATE scheduling_configs
+           SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0, updated_at = now()
+         WHERE ({when}) AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)
+    )"""
+
+
+Replicas = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Fraction = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _selector_text(value: Any) -> str:
+    """`node_selector` as stored and returned: JSON text of a string→string object."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise ValueError("must be a JSON object of label pairs") from None
+    else:
+        parsed = value
+    if not isinstance(parsed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+    ):
+        raise ValueError("must be an object of string label values")
+    if not parsed:
+        return ""
+    return value if isinstance(value, str) else orjson.dumps(parsed).decode()
+
+
+class SchedulingSetRequest(Request):
+    model_name: ModelName
+    node_selector: Annotated[str, BeforeValidator(_selector_text)] = ""
+    min_replicas: Replicas = 0
+    max_replicas: Replicas = 0
+    route_policy: Annotated[str, StringConstraints(max_length=32)] = ""
+    balance_abs_threshold: Replicas = 0
+    balance_rel_threshold: Fraction = 0.0
+    min_prefix_match: Fraction = 0.0
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _bounds(cls, value: int, info: Any) -> int:
+        low = info.data.get("min_replicas", 0)
+        if value and low > value:
+            raise ValueError(f"must be at least min_replicas ({low}), or 0 for no limit")
+        return value
+
+
+# Upsert by model: a second set replaces every field (as Go's SetModelScheduling
+# does) but leaves the reconciler's cooldown state alone.
+SCHEDULING_SET = f"""
+    INSERT INTO scheduling_configs AS s (
+        model_name, node_selector, min_replicas, max_replicas, route_policy,
+        balance_abs_threshold, balance_rel_threshold, min_prefix_match)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (model_name) DO UPDATE SET
+        node_selector = EXCLUDED.node_selector,
+        min_replicas = EXCLUDED.min_replicas,
+        max_replicas = EXCLUDED.max_replicas,
+        route_policy = EXCLUDED.route_policy,
+        balance_abs_threshold = EXCLUDED.balance_abs_threshold,
+        balance_rel_threshold = EXCLUDED.balance_rel_threshold,
+        min_prefix_match = EXCLUDED.min_prefix_match,
+        updated_at = now()
+    RETURNING {COLUMNS}"""
+
+
+@group.op("scheduling_set", SchedulingSetRequest)
+async def scheduling_set(ctx: Context, req: SchedulingSetRequest) -> Any:
+    """Create or replace the scheduling config of a model."""
+    row = await ctx.db.fetchrow(
+        SCHEDULING_SET,
+        req.model_name,
+        req.node_selector,
+        req.min_replicas,
+        req.max_replicas,
+        req.route_policy,
+        req.balance_abs_threshold,
+        req.balance_rel_threshold,
+        req.min_prefix_match,
+    )
+    return record(row)
+
+
+class ModelRef(Request):
+    model: ModelName
+
+
+SCHEDULING_GET = f"SELECT {COLUMNS} FROM scheduling_configs s WHERE s.model_name = $1"
+
+
+def config_or_404(row: Any, model: str) -> dict[str, Any]:
+    config = record(row)
+    if config is None:
+        raise NotFound(f"no scheduling config for model {model!r}")
+    return config
+
+
+@group.op("scheduling_get", ModelRef)
+async def scheduling_get(ctx: Context, req: ModelRef) -> Any:
+    """The scheduling config of a model."""
+    return config_or_404(await ctx.db.fetchrow(SCHEDULING_GET, req.model), req.model)
+
+
+class SchedulingListRequest(Paged):
+    autoscaling: bool = False
+
+
+# Autoscaling is on when either replica bound is set.
+SCHEDULING_LIST = f"""
+    SELECT {COLUMNS} FROM scheduling_configs s
+     WHERE (NOT $1 OR s.min_replicas > 0 OR s.max_replicas > 0)
+       AND ($2::text IS NULL OR s.model_name > $2)
+     ORDER BY s.model_name LIMIT $3"""
+
+
+@group.op("scheduling_list", SchedulingListRequest)
+async def scheduling_list(ctx: Context, req: SchedulingListRequest) -> Any:
+    """Every scheduling config by model; with `autoscaling`, only those that scale."""
+    rows = await ctx.db.fetch(SCHEDULING_LIST, req.autoscaling, *req.cursor(str), req.sql_limit())
+    return page(req, records(rows), lambda c: [c["model_name"]])
+
+
+SCHEDULING_DELETE = "DELETE FROM scheduling_configs WHERE model_name = $1"
+
+
+@group.op("scheduling_delete", ModelRef)
+async def scheduling_delete(ctx: Context, req: ModelRef) -> Any:
+    """Delete a model's scheduling config (deleting an absent one is not an error)."""
+    await ctx.db.execute(SCHEDULING_DELETE, req.model)
+    return OK
+
+
+UNSATISFIABLE_BUMP = """
+    UPDATE scheduling_configs SET unsatisfiable_ticks = unsatisfiable_ticks + 1,
+                                  updated_at = now()
+     WHERE model_name = $1
+    RETURNING unsatisfiable_ticks"""
+
+
+@group.op("unsatisfiable_bump", ModelRef)
+async def unsatisfiable_bump(ctx: Context, req: ModelRef) -> Any:
+    """Count one more reconciler tick without room for the model."""
+    ticks = await ctx.db.fetchval(UNSATISFIABLE_BUMP, req.model)
+    if ticks is None:
+        raise NotFound(f"no scheduling config for model {req.model!r}")
+    return {"ticks": ticks}
+
+
+def _text_time(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 time string, e.g. 2026-11-27T09:00:00Z")
+    return value
+
+
+class MarkRequest(ModelRef):
+    until: Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_text_time)]
+
+
+UNSATISFIABLE_MARK = """
+    UPDATE scheduling_configs SET unsatisfiable_until = $2, updated_at = now()
+     WHERE model_name = $1
+    RETURNING 1"""
+
+
+@group.op("unsatisfiable_mark", MarkRequest)
+async def unsatisfiable_mark(ctx: Context, req: MarkRequest) -> Any:
+    """Skip scale-ups of the model until `until` (or until capacity changes)."""
+    if await ctx.db.fetchval(UNSATISFIABLE_MARK, req.model, req.until) is None:
+        raise NotFound(f"no scheduling config for model {req.model!r}")
+    return OK
+
+
+class ClearRequest(Request):
+    model: ModelName | None = None
+
+
+UNSATISFIABLE_CLEAR = """
+    UPDATE scheduling_configs SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0,
+                                  updated_at = now()
+     WHERE ($1::text IS NULL OR model_name = $1)
+       AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)"""
+
+
+@group.op("unsatisfiable_clear", ClearRequest)
+async def unsatisfiable_clear(ctx: Context, req: ClearRequest) -> Any:
+    """Clear the cooldown of one model, or of every model when none is given."""
+    await ctx.db.execute(UNSATISFIABLE_CLEAR, req.model)
+    return OK

@@ -1,0 +1,85 @@
+"""The `registry` micro service: discovery, statistics, and concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+
+from daemon.app import Daemon
+from subjects import OPERATIONS
+from tests.support import CallError, Client
+
+
+async def srv(client: Client, verb: str, daemon: Daemon) -> dict[str, Any]:
+    # Address this daemon's instance by id: other test runs may share the NATS server.
+    assert daemon.service is not None
+    reply = await client.nc.request(
+        f"$SRV.{verb}.registry.{daemon.service._service.id}", b"", timeout=5
+    )
+    return orjson.loads(reply.data)
+
+
+async def test_ping_and_info_describe_every_operation(client: Client, daemon: Daemon) -> None:
+    ping = await srv(client, "PING", daemon)
+    assert ping["name"] == "registry"
+    info = await srv(client, "INFO", daemon)
+    endpoints = {e["name"]: e for e in info["endpoints"]}
+    assert set(endpoints) == {op.name for op in OPERATIONS}
+    assert {e["queue_group"] for e in endpoints.values()} == {"registry"}
+    prefix = client.prefix
+    assert endpoints["register"]["subject"] == f"{prefix}.register"
+    assert endpoints["heartbeat"]["subject"] == f"{prefix}.heartbeat.*"
+    assert all(e["metadata"]["description"] for e in endpoints.values())
+
+
+async def test_stats_count_requests_and_errors(client: Client, daemon: Daemon) -> None:
+    await client.call("list")
+    try:
+        await client.call("approve", node_id="nope")
+    except CallError as err:
+        assert err.code == 404
+    stats = {e["name"]: e for e in (await srv(client, "STATS", daemon))["endpoints"]}
+    assert stats["list"]["num_requests"] == 1 and stats["list"]["num_errors"] == 0
+    assert stats["approve"]["num_requests"] == 1 and stats["approve"]["num_errors"] == 1
+    assert "404" in stats["approve"]["last_error"]
+    assert stats["list"]["processing_time"] > 0
+
+
+async def waiting_on_lock(pg: asyncpg.Connection, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        waiting = await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the first request never reached the database lock")
+
+
+async def test_slow_requests_on_one_endpoint_overlap(
+    client: Client, pg: asyncpg.Connection, database_url: str
+) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM nodes WHERE id = $1 FOR UPDATE", a["id"])
+        slow = asyncio.create_task(client.call("offline", node_id=a["id"]))
+        await waiting_on_lock(pg, time.monotonic() + 5)
+        # The same endpoint answers another request while the first one waits:
+        # served one at a time, this would wait behind the lock.
+        assert await client.call("offline", node_id=b["id"]) == {}
+        assert not slow.done()
+        await tx.rollback()
+        assert await slow == {}
+    finally:
+        await blocker.close()
+    statuses = dict(await pg.fetch("SELECT name, status FROM nodes"))
+    assert statuses == {"gpu-a": "offline", "gpu-b": "offline"}
