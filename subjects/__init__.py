@@ -1,10 +1,14 @@
 """Every operation of the wire contract, one module per group of endpoints."""
 
-from subjects import labels, nodes, replicas
+from subjects import labels, models, nodes, placement, replicas, routing, scheduling
 from subjects.base import Operation
 
 OPERATIONS: list[Operation] = [
     *nodes.group.operations,
-    *labels.group.operations,
+    *placement.group.operations,
+    *routing.group.operations,
     *replicas.group.operations,
+    *models.group.operations,
+    *labels.group.operations,
+    *scheduling.group.operations,
 ]

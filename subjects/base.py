@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from daemon.config import Settings
 from daemon.db import Database
-from daemon.errors import BadRequest
+from daemon.errors import BadRequest, NotFound
 from daemon.events import Events
 
 # ---------------------------------------------------------------- field types
@@ -91,6 +91,15 @@ def record(row: asyncpg.Record | None) -> dict[str, Any] | None:
     for key, value in out.items():
         if isinstance(value, bytes):
             out[key] = base64.b64encode(value).decode("ascii")
+    return out
+
+
+def found(row: asyncpg.Record | None, missing: str) -> dict[str, Any]:
+    """The row as the wire shows it, or a 404 saying what is `missing`."""
+    if row is None:
+        raise NotFound(missing)
+    out = record(row)
+    assert out is not None
     return out
 
 

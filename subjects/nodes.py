@@ -27,6 +27,7 @@ from subjects.base import (
     NodeRef,
     Paged,
     Request,
+    found,
     page,
     record,
     records,
@@ -509,7 +510,4 @@ async def max_replicas_reset(ctx: Context, req: NodeRef) -> Any:
 
 
 def node_or_404(row: asyncpg.Record | None, node_id: str) -> dict[str, Any]:
-    node = record(row)
-    if node is None:
-        raise NotFound(f"node {node_id} not found")
-    return node
+    return found(row, f"node {node_id} not found")

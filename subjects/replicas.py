@@ -6,12 +6,15 @@ prefix-cache index never routes to a replica that is gone.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import StringConstraints
+from pydantic import BeforeValidator, Field, StringConstraints
 
-from daemon.errors import NotFound
+from daemon.errors import Conflict, NotFound
 from subjects.base import (
+    MAX_INT32,
     OK,
     Context,
     Count,
@@ -139,3 +142,96 @@ async def replica_remove_all(ctx: Context, req: NodeModelRef) -> Any:
         await ctx.events.replicas_removed(req.node_id, [req.model])
     return OK
 
+
+# ---------------------------------------------------------------- bookkeeping
+
+REPLICA_TOUCH = """
+    UPDATE replicas SET last_used = now()
+     WHERE node_id = $1 AND model_name = $2 AND replica_index = $3"""
+
+
+@group.op("replica_touch", ReplicaRef)
+async def replica_touch(ctx: Context, req: ReplicaRef) -> Any:
+    """Mark a replica used now, for LRU eviction (a missing one is not an error)."""
+    await ctx.db.execute(REPLICA_TOUCH, req.node_id, req.model, req.replica_index)
+    return OK
+
+
+def _base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64 (standard alphabet, padded)") from None
+
+
+# Binary blobs travel as base64, as Go encodes []byte.
+Blob = Annotated[bytes, BeforeValidator(_base64)]
+BackendType = Annotated[str, StringConstraints(max_length=128)]
+
+
+class ReplicaLoadInfoRequest(ReplicaRef):
+    backend_type: BackendType = ""
+    model_opts: Blob | None = None
+
+
+REPLICA_LOAD_INFO = """
+    UPDATE replicas SET backend_type = $4, model_opts = $5, updated_at = now()
+     WHERE node_id = $1 AND model_name = $2 AND replica_index = $3"""
+
+
+@group.op("replica_load_info", ReplicaLoadInfoRequest)
+async def replica_load_info(ctx: Context, req: ReplicaLoadInfoRequest) -> Any:
+    """Stamp a replica with how it was loaded (backend type, options)."""
+    await ctx.db.execute(
+        REPLICA_LOAD_INFO,
+        req.node_id,
+        req.model,
+        req.replica_index,
+        req.backend_type,
+        req.model_opts,
+    )
+    return OK
+
+
+REPLICA_COUNT = "SELECT count(*) FROM replicas WHERE node_id = $1 AND model_name = $2"
+
+
+@group.op("replica_count", NodeModelRef)
+async def replica_count(ctx: Context, req: NodeModelRef) -> Any:
+    """How many replicas of a model a node has, in any state."""
+    return {"count": await ctx.db.fetchval(REPLICA_COUNT, req.node_id, req.model)}
+
+
+class NextIndexRequest(NodeModelRef):
+    max_slots: Annotated[int, Field(ge=-MAX_INT32, le=MAX_INT32)]
+
+
+# The lowest index not taken: 0 if free, else the first taken index whose
+# successor is free. Lowest-first keeps slot numbers (and the worker's ports)
+# compact across scale-down and scale-up.
+NEXT_INDEX = """
+    SELECT CASE
+        WHEN NOT EXISTS (SELECT 1 FROM replicas
+                          WHERE node_id = $1 AND model_name = $2 AND replica_index = 0) THEN 0
+        ELSE (SELECT min(r.replica_index) + 1 FROM replicas r
+               WHERE r.node_id = $1 AND r.model_name = $2
+                 AND NOT EXISTS (SELECT 1 FROM replicas s
+                                  WHERE s.node_id = $1 AND s.model_name = $2
+                                    AND s.replica_index = r.replica_index + 1))
+    END"""
+
+
+@group.op("replica_next_index", NextIndexRequest)
+async def replica_next_index(ctx: Context, req: NextIndexRequest) -> Any:
+    """The lowest free replica index below `max_slots` (409 when all are taken)."""
+    if req.max_slots <= 0:
+        raise Conflict(f"no free replica slot: max_slots is {req.max_slots}")
+    index = await ctx.db.fetchval(NEXT_INDEX, req.node_id, req.model)
+    if index >= req.max_slots:
+        raise Conflict(
+            f"no free replica slot for {req.model!r} on {req.node_id}: "
+            f"all {req.max_slots} are taken"
+        )
+    return {"replica_index": index}

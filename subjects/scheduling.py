@@ -22,6 +22,7 @@ from subjects.base import (
     ModelName,
     Paged,
     Request,
+    found,
     page,
     record,
     records,
@@ -132,17 +133,11 @@ class ModelRef(Request):
 SCHEDULING_GET = f"SELECT {COLUMNS} FROM scheduling_configs s WHERE s.model_name = $1"
 
 
-def config_or_404(row: Any, model: str) -> dict[str, Any]:
-    config = record(row)
-    if config is None:
-        raise NotFound(f"no scheduling config for model {model!r}")
-    return config
-
-
 @group.op("scheduling_get", ModelRef)
 async def scheduling_get(ctx: Context, req: ModelRef) -> Any:
     """The scheduling config of a model."""
-    return config_or_404(await ctx.db.fetchrow(SCHEDULING_GET, req.model), req.model)
+    row = await ctx.db.fetchrow(SCHEDULING_GET, req.model)
+    return found(row, f"no scheduling config for model {req.model!r}")
 
 
 class SchedulingListRequest(Paged):

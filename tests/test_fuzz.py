@@ -117,6 +117,7 @@ async def test_random_bodies_never_get_a_500(client: Client, pg: asyncpg.Connect
     await client.call("replica_set", node_id=anchor["id"], model="anchor-model", state="loaded")
     target = await client.healthy_node("fuzz-target", available_vram=2**40)
     await client.call("replica_set", node_id=target["id"], model="m", state="loaded")
+    await client.call("scheduling_set", model_name="m", min_replicas=1)
     words = [*STRINGS, target["id"], "m", "fuzz-target"]
     before = await pg.fetch("SELECT * FROM nodes WHERE id = $1", anchor["id"])
 

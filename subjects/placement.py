@@ -1,0 +1,215 @@
+"""Placement: where a scheduler can put a new replica, and soft VRAM reservations.
+
+Only healthy `backend` nodes are candidates. "Effectively free" VRAM is
+available - reserved: a reservation is what a scheduler took within the current
+heartbeat window, and the node's next VRAM reading clears it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from daemon.errors import Conflict, NotFound
+from subjects.base import (
+    OK,
+    ByteCount,
+    Context,
+    Group,
+    Labels,
+    ModelName,
+    NodeId,
+    Paged,
+    Request,
+    found,
+    page,
+    records,
+)
+from subjects.nodes import NODE_COLUMNS, by_name
+
+group = Group()
+
+NodeIds = Annotated[list[NodeId], Field(max_length=10_000)]
+
+
+class NodeSet(Request):
+    """`node_ids` restricts a query to those nodes; absent or empty means all."""
+
+    node_ids: NodeIds = []
+
+
+# The candidates every placement query starts from, restricted by $1 (node_ids).
+CANDIDATES = """
+    n.status = 'healthy' AND n.node_type = 'backend'
+    AND (cardinality($1::text[]) = 0 OR n.id = ANY($1::text[]))"""
+
+# Per node: does it have a loaded replica, and how many requests are in flight
+# on all its replicas (Go counts every state here).
+LOAD = """
+    LEFT JOIN LATERAL (
+        SELECT bool_or(r.state = 'loaded') AS busy, COALESCE(sum(r.in_flight), 0) AS in_flight
+          FROM replicas r WHERE r.node_id = n.id
+    ) AS load ON true"""
+
+
+class FindVramRequest(NodeSet):
+    min_bytes: ByteCount = 0
+
+
+# Idle nodes (no loaded replica) first, most effectively-free VRAM first; then
+# the others, least in flight first, then most effectively-free VRAM.
+FIND_VRAM = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n {LOAD}
+     WHERE {CANDIDATES} AND n.available_vram - n.reserved_vram >= $2
+     ORDER BY COALESCE(load.busy, false),
+              CASE WHEN load.busy THEN load.in_flight ELSE 0 END,
+              n.available_vram - n.reserved_vram DESC, n.name
+     LIMIT 1"""
+
+FIND_IDLE = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n
+     WHERE {CANDIDATES}
+       AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.node_id = n.id AND r.state = 'loaded')
+     ORDER BY n.available_vram DESC, n.name
+     LIMIT 1"""
+
+FIND_LEAST_LOADED = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n {LOAD}
+     WHERE {CANDIDATES}
+     ORDER BY load.in_flight, n.available_vram DESC, n.name
+     LIMIT 1"""
+
+
+@group.op("find_vram", FindVramRequest)
+async def find_vram(ctx: Context, req: FindVramRequest) -> Any:
+    """A node with at least `min_bytes` effectively-free VRAM, idle nodes first."""
+    row = await ctx.db.fetchrow(FIND_VRAM, req.node_ids, req.min_bytes)
+    return found(row, f"no healthy node has {req.min_bytes} bytes of free VRAM")
+
+
+@group.op("find_idle", NodeSet)
+async def find_idle(ctx: Context, req: NodeSet) -> Any:
+    """A node with no loaded replica, most VRAM first."""
+    return found(await ctx.db.fetchrow(FIND_IDLE, req.node_ids), "no idle healthy node")
+
+
+@group.op("find_least_loaded", NodeSet)
+async def find_least_loaded(ctx: Context, req: NodeSet) -> Any:
+    """The node with the fewest requests in flight, most VRAM first on a tie."""
+    return found(await ctx.db.fetchrow(FIND_LEAST_LOADED, req.node_ids), "no healthy node")
+
+
+class SelectorRequest(Paged):
+    selector: Labels = {}
+
+
+# A node matches when it has every pair of the selector (an AND of pairs).
+FIND_SELECTOR = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n
+     WHERE n.status = 'healthy' AND n.node_type = 'backend'
+       AND (SELECT count(*) FROM node_labels l
+             JOIN unnest($1::text[], $2::text[]) AS s(key, value)
+               ON s.key = l.key AND s.value = l.value
+             WHERE l.node_id = n.id) = cardinality($1::text[])
+       AND ($3::text IS NULL OR n.name > $3)
+     ORDER BY n.name LIMIT $4"""
+
+
+@group.op("find_selector", SelectorRequest)
+async def find_selector(ctx: Context, req: SelectorRequest) -> Any:
+    """Healthy backend nodes carrying every label of `selector` (empty: all of them)."""
+    rows = await ctx.db.fetch(
+        FIND_SELECTOR,
+        list(req.selector),
+        list(req.selector.values()),
+        *req.cursor(str),
+        req.sql_limit(),
+    )
+    return page(req, records(rows), by_name)
+
+
+class ModelOnNodes(NodeSet):
+    model: ModelName
+
+
+class FreeSlotsRequest(ModelOnNodes, Paged):
+    pass
+
+
+# Every row of the model counts against the cap, whatever its state, so a load
+# in progress keeps a second scale-up from overshooting.
+REPLICAS_OF_MODEL = """
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS replicas FROM replicas r
+         WHERE r.node_id = n.id AND r.model_name = $2
+    ) AS taken ON true"""
+
+FREE_SLOTS = f"""
+    SELECT {NODE_COLUMNS} FROM nodes n {REPLICAS_OF_MODEL}
+     WHERE {CANDIDATES} AND taken.replicas < n.max_replicas_per_model
+       AND ($3::text IS NULL OR n.name > $3)
+     ORDER BY n.name LIMIT $4"""
+
+CAPACITY = f"""
+    SELECT COALESCE(sum(GREATEST(n.max_replicas_per_model - taken.replicas, 0)), 0)::bigint
+      FROM nodes n {REPLICAS_OF_MODEL}
+     WHERE {CANDIDATES}"""
+
+
+@group.op("free_slots", FreeSlotsRequest)
+async def free_slots(ctx: Context, req: FreeSlotsRequest) -> Any:
+    """Healthy backend nodes that can host one more replica of `model`."""
+    rows = await ctx.db.fetch(
+        FREE_SLOTS, req.node_ids, req.model, *req.cursor(str), req.sql_limit()
+    )
+    return page(req, records(rows), by_name)
+
+
+@group.op("capacity", ModelOnNodes)
+async def capacity(ctx: Context, req: ModelOnNodes) -> Any:
+    """How many more replicas of `model` the candidate nodes can host in all."""
+    return {"capacity": await ctx.db.fetchval(CAPACITY, req.node_ids, req.model)}
+
+
+class VramRequest(Request):
+    node_id: NodeId
+    bytes: ByteCount
+
+
+# The admission check is the WHERE clause of one UPDATE, so concurrent
+# reservations cannot over-commit: each sees the one before it.
+RESERVE_VRAM = """
+    WITH up AS (
+        UPDATE nodes SET reserved_vram = reserved_vram + $2::bigint
+         WHERE id = $1 AND ($2::bigint = 0 OR available_vram - reserved_vram >= $2::bigint)
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM up) AS reserved,
+           EXISTS (SELECT 1 FROM nodes WHERE id = $1) AS found"""
+
+# Never below zero: a release after a heartbeat reset the reservation, or a
+# duplicate release, leaves nothing reserved rather than a negative count.
+RELEASE_VRAM = """
+    UPDATE nodes SET reserved_vram = GREATEST(reserved_vram - $2::bigint, 0)
+     WHERE id = $1 RETURNING 1"""
+
+
+@group.op("reserve_vram", VramRequest)
+async def reserve_vram(ctx: Context, req: VramRequest) -> Any:
+    """Reserve VRAM on a node for a load about to start (409 when it does not fit)."""
+    row = await ctx.db.fetchrow(RESERVE_VRAM, req.node_id, req.bytes)
+    assert row is not None
+    if not row["found"]:
+        raise NotFound(f"node {req.node_id} not found")
+    if not row["reserved"]:
+        raise Conflict(f"node {req.node_id} has less than {req.bytes} bytes of free VRAM")
+    return OK
+
+
+@group.op("release_vram", VramRequest)
+async def release_vram(ctx: Context, req: VramRequest) -> Any:
+    """Give back a reservation (for a load that failed)."""
+    if await ctx.db.fetchval(RELEASE_VRAM, req.node_id, req.bytes) is None:
+        raise NotFound(f"node {req.node_id} not found")
+    return OK

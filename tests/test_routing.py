@@ -1,0 +1,180 @@
+"""findlock and the in-flight counters: the router's hot path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.support import CallError, Client
+
+
+async def pick(client: Client, model: str = "m", **fields: Any) -> tuple[str, int]:
+    got = await client.call("findlock", model=model, **fields)
+    return got["node"]["name"], got["replica"]["replica_index"]
+
+
+async def test_picks_rotate_over_equally_loaded_replicas(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    await client.healthy_node("gpu-c")  # no replica: never picked
+    await client.replica(a)
+    await client.replica(b)
+
+    # Without decrements: least in flight first, so picks alternate.
+    held = [await pick(client) for _ in range(4)]
+    assert Counter(name for name, _ in held) == {"gpu-a": 2, "gpu-b": 2}
+    assert held[0][0] != held[1][0] and held[2][0] != held[3][0]
+
+    # With a decrement after each request: equal in flight, so the least
+    # recently used replica goes next.
+    for name, index in held:
+        node = a if name == "gpu-a" else b
+        await client.call("inflight_dec", node_id=node["id"], model="m", replica_index=index)
+    names = []
+    for _ in range(6):
+        name, index = await pick(client)
+        names.append(name)
+        node = a if name == "gpu-a" else b
+        await client.call("inflight_dec", node_id=node["id"], model="m", replica_index=index)
+    assert names[::2] == [names[0]] * 3 and names[1::2] == [names[1]] * 3
+    assert names[0] != names[1]
+
+
+async def test_the_reply_holds_the_node_and_the_locked_replica(client: Client) -> None:
+    a = await client.healthy_node("gpu-a", available_vram=7)
+    before = await client.replica(a, address="10.0.0.5:50100")
+    got = await client.call("findlock", model="m")
+    assert got["node"]["id"] == a["id"] and got["node"]["available_vram"] == 7
+    assert "token_hash" not in got["node"]
+    assert got["replica"]["id"] == before["id"]
+    assert got["replica"]["in_flight"] == 1
+    assert got["replica"]["address"] == "10.0.0.5:50100"
+    assert got["replica"]["last_used"] >= before["last_used"]
+    row = await client.call("replica_get", node_id=a["id"], model="m")
+    assert row["in_flight"] == 1
+
+
+async def test_the_least_busy_replica_wins(client: Client) -> None:
+    a = await client.healthy_node("gpu-a", available_vram=10)
+    b = await client.healthy_node("gpu-b", available_vram=20)
+    await client.replica(a, in_flight=0)
+    await client.replica(b, in_flight=3)
+    assert (await pick(client))[0] == "gpu-a"  # a: 0 -> 1
+    assert (await pick(client))[0] == "gpu-a"  # a: 1 -> 2, b still 3
+    await client.replica(a, in_flight=4)
+    assert (await pick(client))[0] == "gpu-b"
+
+
+async def test_equal_replicas_never_used_go_to_the_node_with_most_vram(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    small = await client.healthy_node("gpu-small", available_vram=8 << 30)
+    big = await client.healthy_node("gpu-big", available_vram=80 << 30)
+    await client.replica(small)
+    await client.replica(big)
+    await pg.execute("UPDATE replicas SET last_used = '2026-01-01T00:00:00Z'")
+    assert (await pick(client))[0] == "gpu-big"
+
+
+async def test_only_loaded_replicas_on_healthy_nodes_are_picked(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    c = await client.register("gpu-c")  # pending
+    await client.replica(a, state="loading")
+    await client.replica(b)
+    await client.replica(c)
+    await client.call("unhealthy", node_id=b["id"])
+    with pytest.raises(CallError) as err:
+        await client.call("findlock", model="m")
+    assert err.value.code == 404 and "'m'" in err.value.message
+    await client.call("healthy", node_id=b["id"])
+    assert (await pick(client))[0] == "gpu-b"
+    with pytest.raises(CallError) as err:
+        await client.call("findlock", model="other")
+    assert err.value.code == 404
+
+
+async def test_node_ids_restrict_the_pick(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    await client.replica(a)
+    await client.replica(b, in_flight=9)
+    assert (await pick(client, node_ids=[b["id"]]))[0] == "gpu-b"
+    assert (await pick(client, node_ids=[]))[0] == "gpu-a"
+    with pytest.raises(CallError) as err:
+        await client.call("findlock", model="m", node_ids=["elsewhere"])
+    assert err.value.code == 404
+
+
+async def test_a_preferred_replica_is_taken_while_it_is_loaded_and_healthy(client: Client) -> None:
+    a = await client.healthy_node("gpu-a", max_replicas_per_model=2)
+    b = await client.healthy_node("gpu-b")
+    await client.replica(a, index=0, in_flight=0)
+    await client.replica(a, index=1, in_flight=5)
+    await client.replica(b, in_flight=1)
+    prefer = {"node_id": a["id"], "replica_index": 1}
+    assert await pick(client, prefer=prefer) == ("gpu-a", 1)
+    # Not loaded any more: the default order decides.
+    await client.replica(a, index=1, state="unloading", in_flight=6)
+    assert await pick(client, prefer=prefer) == ("gpu-a", 0)
+    # Outside node_ids: not taken either.
+    await client.replica(a, index=1, in_flight=6)
+    assert (await pick(client, prefer=prefer, node_ids=[b["id"]]))[0] == "gpu-b"
+
+
+async def test_concurrent_picks_spread_over_replicas(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    for i in range(4):
+        node = await client.healthy_node(f"gpu-{i}")
+        await client.replica(node)
+    replies = await asyncio.gather(*(client.call("findlock", model="m") for _ in range(64)))
+    assert len(replies) == 64
+    counts = [r["in_flight"] for r in await pg.fetch("SELECT in_flight FROM replicas")]
+    assert sum(counts) == 64
+    assert max(counts) - min(counts) <= 2, counts
+
+
+async def test_inflight_inc_needs_a_replica(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    with pytest.raises(CallError) as err:
+        await client.call("inflight_inc", node_id=a["id"], model="m", replica_index=0)
+    assert err.value.code == 404
+    await client.replica(a)
+    assert await client.call("inflight_inc", node_id=a["id"], model="m") == {}
+    assert (await client.call("replica_get", node_id=a["id"], model="m"))["in_flight"] == 1
+
+
+async def test_concurrent_decrements_lose_nothing_and_stop_at_zero(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    await client.replica(a, in_flight=40)
+    ref = {"node_id": a["id"], "model": "m", "replica_index": 0}
+    await asyncio.gather(*(client.call("inflight_dec", **ref) for _ in range(30)))
+    assert (await client.call("replica_get", **ref))["in_flight"] == 10
+    await asyncio.gather(*(client.call("inflight_dec", **ref) for _ in range(25)))
+    assert (await client.call("replica_get", **ref))["in_flight"] == 0
+    # Decrementing a replica that does not exist is not an error either (as in Go).
+    assert await client.call("inflight_dec", node_id=a["id"], model="gone") == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "model"),
+        ({"model": ""}, "model"),
+        ({"model": "m", "node_ids": "a"}, "node_ids"),
+        ({"model": "m", "node_ids": [1]}, "node_ids.0"),
+        ({"model": "m", "prefer": {"replica_index": 0}}, "prefer.node_id"),
+        ({"model": "m", "prefer": {"node_id": "a", "replica_index": -1}}, "prefer.replica_index"),
+    ],
+)
+async def test_bad_findlock_requests_name_the_field(
+    client: Client, body: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(CallError) as err:
+        await client.call("findlock", body)
+    assert err.value.code == 400 and f"'{field}'" in err.value.message
