@@ -106,3 +106,22 @@ CREATE TABLE IF NOT EXISTS model_load_info (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
+
+-- Leases on in-flight units (an addition to LocalAI's registry): a findlock
+-- with `lease_s` records one row here, and the unit is given back by
+-- inflight_dec with its id or, when it expires, by the daemon's sweep. The
+-- row dies with its replica, so a removed replica leaves nothing to release.
+CREATE TABLE IF NOT EXISTS leases (
+    id              text PRIMARY KEY CHECK (id <> '' AND length(id) <= 64),
+    replica_id      text NOT NULL
+                    CONSTRAINT leases_replica_id_fkey REFERENCES replicas (id) ON DELETE CASCADE,
+    node_id         text NOT NULL,
+    model_name      text NOT NULL,
+    replica_index   integer NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- The expiry sweep reads by expiry time; the cascade from replicas by replica.
+CREATE INDEX IF NOT EXISTS leases_expires_at_idx ON leases (expires_at);
+CREATE INDEX IF NOT EXISTS leases_replica_id_idx ON leases (replica_id);

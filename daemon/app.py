@@ -20,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from daemon import __version__, db
 from daemon.config import Settings
+from daemon.delivery import Delivery
 from daemon.events import Events
+from daemon.intents import IntentStore
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService
+from daemon.sweep import Sweep
 from subjects.base import Context
 
 log = logging.getLogger("registryd")
@@ -43,6 +47,7 @@ class Daemon:
         self.db: db.Database | None = None
         self.nc: NATS | None = None
         self.service: RegistryService | None = None
+        self.delivery: Delivery | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._failure: str | None = None
@@ -56,9 +61,14 @@ class Daemon:
         log.info("database ready, schema applied")
         self.nc = await connect_nats(s)
         events = Events(self.nc, s.subject_prefix)
-        ctx = Context(settings=s, db=self.db, events=events)
+        intents = IntentStore(self.nc, s)
+        await ensure_stream(intents)
+        ctx = Context(settings=s, db=self.db, events=events, intents=intents)
         self.service = RegistryService(self.nc, ctx)
         await self.service.start()
+        self._spawn("health-sweep", Sweep(s, self.db, events, intents).run)
+        self.delivery = Delivery(self.nc, s, self.db, intents, events)
+        self._spawn("intent-delivery", self.delivery.run)
         if self.notifier.watchdog_interval:
             self._spawn("watchdog", self._watchdog)
         log.info(
@@ -117,6 +127,10 @@ class Daemon:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self.delivery is not None:
+            # A worker request cut short leaves its intent unacked: it is
+            # delivered again, by another instance or after our restart.
+            await self.delivery.stop()
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -188,6 +202,25 @@ def nats_options(s: Settings) -> dict[str, Any]:
             )
         opts["tls"] = context
     return opts
+
+
+async def ensure_stream(intents: IntentStore) -> None:
+    """Create or update the intent stream, waiting while JetStream is not there."""
+    delay = 0.2
+    while True:
+        try:
+            await intents.ensure_stream()
+            return
+        except (
+            nats.errors.TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+        ) as exc:
+            log.warning(
+                "JetStream not available (%s); retrying in %.1fs", exc or type(exc).__name__, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def connect_nats(s: Settings) -> NATS:

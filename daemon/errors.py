@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import nats.errors
+import nats.js.errors
 
 
 class RegistryError(Exception):
@@ -76,6 +78,8 @@ def classify(exc: BaseException) -> RegistryError | None:
         if isinstance(exc, asyncpg.QueryCanceledError):
             return Unavailable("database timed out, retry later")
         return None
+    if isinstance(exc, _NATS_DOWN):
+        return Unavailable("JetStream unavailable, retry later")
     if isinstance(exc, _OUR_BUGS):
         return None
     if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, asyncpg.InterfaceError)):
@@ -84,6 +88,17 @@ def classify(exc: BaseException) -> RegistryError | None:
         return Unavailable("database unavailable, retry later")
     return None
 
+
+# JetStream (the intent stream) not answering, or our connection to it gone.
+_NATS_DOWN = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
 
 # Interface errors that come from how we called the driver, not from the network.
 _OUR_BUGS = (

@@ -1,6 +1,6 @@
 """Every operation of the wire contract, one module per group of endpoints."""
 
-from subjects import labels, models, nodes, placement, replicas, routing, scheduling
+from subjects import intents, labels, models, nodes, placement, replicas, routing, scheduling
 from subjects.base import Operation
 
 OPERATIONS: list[Operation] = [
@@ -11,4 +11,5 @@ OPERATIONS: list[Operation] = [
     *models.group.operations,
     *labels.group.operations,
     *scheduling.group.operations,
+    *intents.group.operations,
 ]

@@ -20,6 +20,7 @@ from daemon.config import Settings
 from daemon.db import Database
 from daemon.errors import BadRequest, NotFound
 from daemon.events import Events
+from daemon.intents import IntentStore
 
 # ---------------------------------------------------------------- field types
 
@@ -112,7 +113,8 @@ def records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Context:
-    """What a handler may touch: settings, the database, and the event publisher.
+    """What a handler may touch: settings, the database, the event publisher and
+    the intent stream.
 
     `state` is where an endpoint module keeps what must outlive one request in
     this daemon (findlock's batches), keyed by the module's own name.
@@ -121,6 +123,7 @@ class Context:
     settings: Settings
     db: Database
     events: Events
+    intents: IntentStore
     state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from typing import Annotated, Any, Literal, NoReturn
 
 import asyncpg
@@ -33,6 +34,8 @@ from subjects.base import (
     records,
 )
 from subjects.scheduling import wake_scheduling
+
+log = logging.getLogger("registryd.nodes")
 
 group = Group()
 
@@ -211,6 +214,8 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
         prev["status"] if prev else None,
         "registered",
     )
+    if row["status"] == "healthy" and (prev is None or prev["status"] != "healthy"):
+        await ctx.intents.kick(row["id"])
     return record(row)
 
 
@@ -245,6 +250,7 @@ async def approve(ctx: Context, req: NodeRef) -> Any:
     assert node is not None
     del node["previous_status"]
     await ctx.events.node(node["id"], node["name"], "healthy", "pending", "approved")
+    await ctx.intents.kick(node["id"])
     return node
 
 
@@ -271,6 +277,8 @@ async def change_status(
     await ctx.events.replicas_removed(node_id, removed)
     if old["status"] != status:
         await ctx.events.node(node_id, old["name"], status, old["status"], reason)
+        if status == "healthy":
+            await ctx.intents.kick(node_id)
     return OK
 
 
@@ -319,6 +327,10 @@ async def deregister(ctx: Context, req: NodeRef) -> Any:
         await conn.execute(DELETE_NODE, req.node_id)
     await ctx.events.replicas_removed(req.node_id, removed)
     await ctx.events.node(req.node_id, old["name"], "deregistered", old["status"], "deregistered")
+    try:
+        await ctx.intents.purge_node(req.node_id)
+    except Exception as exc:  # delivery drops them anyway when it meets them
+        log.warning("could not drop the intents of node %s: %s", req.node_id, exc)
     return OK
 
 

@@ -13,18 +13,29 @@ the requests for one model that arrive while a pick for it is running wait
 for it to finish and are then placed by one statement, as if one after the
 other: k picks fill the replicas' in-flight counts level, like water. A
 single request is one statement as before; a burst costs one statement too.
+
+Leases (an addition to the Go registry): a findlock with `lease_s` also records
+a lease on its unit in flight, in the same statement, so a router that dies
+mid-request cannot pin the replica for ever. `inflight_dec` with the lease id
+gives the unit back once; `lease_renew` extends it; daemon/sweep.py releases
+the expired ones. Every statement that touches a lease and a replica locks the
+replica first, as the cascade from a removed replica does, so a release, an
+expiry and a removal of the same replica wait for each other instead of
+deadlocking.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from daemon.db import Database
-from daemon.errors import NotFound
+from daemon.errors import BadRequest, NotFound
 from subjects.base import (
     OK,
     Context,
@@ -55,10 +66,20 @@ class Preference(Request):
     replica_index: ReplicaIndex = 0
 
 
+# A lease's duration in seconds: more than nothing, at most a day.
+LeaseSeconds = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
+LeaseId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
 class FindLockRequest(Request):
     model: ModelName
     node_ids: Annotated[list[NodeId], Field(max_length=10_000)] = []
     prefer: Preference | None = None
+    lease_s: LeaseSeconds | None = None
+
+
+def new_lease_id() -> str:
+    return uuid.uuid4().hex
 
 
 CANDIDATES = """
@@ -66,11 +87,13 @@ CANDIDATES = """
      WHERE r.model_name = $1 AND r.state = 'loaded' AND n.status = 'healthy'
        AND (cardinality($2::text[]) = 0 OR r.node_id = ANY($2::text[]))"""
 
-# $1 model, $2 node_ids, $3 how many picks (k).
+# $1 model, $2 node_ids, $3 how many picks (k), $4/$5 per pick its lease id
+# and duration (NULL elements, or NULL arrays, for picks without a lease).
 # Slot j of a replica is its (j+1)-th pick in this batch, at load in_flight + j;
 # taking the k lowest slots is what k picks one after the other would do (a
 # replica just picked is the most recently used, hence `j` before last_used).
 # Only the k best replicas can receive a pick, so only they are locked.
+# The seq-th pick of the batch takes the seq-th lease id.
 PICK_MANY = f"""
     WITH cand AS (
         SELECT r.id, r.in_flight, r.last_used, n.available_vram
@@ -90,13 +113,21 @@ PICK_MANY = f"""
         UPDATE replicas r SET in_flight = r.in_flight + picks.n, last_used = now()
           FROM picks WHERE r.id = picks.id
         RETURNING r.*, picks.n AS picks
+    ),
+    leased AS (
+        INSERT INTO leases (id, replica_id, node_id, model_name, replica_index, expires_at)
+        SELECT ($4::text[])[chosen.seq::int], up.id, up.node_id, up.model_name,
+               up.replica_index, now() + make_interval(secs => ($5::float8[])[chosen.seq::int])
+          FROM chosen JOIN up ON up.id = chosen.id
+         WHERE ($4::text[])[chosen.seq::int] IS NOT NULL
     )
-    SELECT {UP_REPLICA}, up.picks, chosen.j, {NODE_AS}
+    SELECT {UP_REPLICA}, up.picks, chosen.j, ($4::text[])[chosen.seq::int] AS lease_id, {NODE_AS}
       FROM chosen JOIN up ON up.id = chosen.id JOIN nodes n ON n.id = up.node_id
      ORDER BY chosen.seq"""
 
 # $1 model, $2 node_ids, $3/$4 the preferred (node, replica): that exact
-# replica if it is a candidate, else the default order.
+# replica if it is a candidate, else the default order; $5/$6 the lease id
+# and duration (NULL: no lease).
 PICK_PREFERRED = f"""
     WITH pick AS (
         SELECT r.id FROM {CANDIDATES}
@@ -109,42 +140,74 @@ PICK_PREFERRED = f"""
         UPDATE replicas r SET in_flight = r.in_flight + 1, last_used = now()
           FROM pick WHERE r.id = pick.id
         RETURNING r.*, 1 AS picks
+    ),
+    leased AS (
+        INSERT INTO leases (id, replica_id, node_id, model_name, replica_index, expires_at)
+        SELECT $5::text, up.id, up.node_id, up.model_name, up.replica_index,
+               now() + make_interval(secs => $6::float8)
+          FROM up WHERE $5::text IS NOT NULL
     )
-    SELECT {UP_REPLICA}, up.picks, 0 AS j, {NODE_AS} FROM up JOIN nodes n ON n.id = up.node_id"""
+    SELECT {UP_REPLICA}, up.picks, 0 AS j, $5::text AS lease_id, {NODE_AS}
+      FROM up JOIN nodes n ON n.id = up.node_id"""
 
 
 def reply(row: Any) -> dict[str, Any]:
-    """{"node", "replica"} from one chosen slot, the replica as that pick left it."""
+    """{"node", "replica"} from one chosen slot, the replica as that pick left it.
+
+    `replica.lease_id` is there only when the pick took a lease."""
     out = record(row)
     assert out is not None
     node = {k.removeprefix("node__"): out.pop(k) for k in list(out) if k.startswith("node__")}
-    picks, j = out.pop("picks"), out.pop("j")
+    picks, j, lease_id = out.pop("picks"), out.pop("j"), out.pop("lease_id")
     out["in_flight"] += j + 1 - picks
+    if lease_id is not None:
+        out["lease_id"] = lease_id
     return {"node": node, "replica": out}
 
 
 Key = tuple[str, tuple[str, ...]]
 
 
+@dataclass(slots=True)
+class Waiter:
+    """One findlock request in a batch: its future and the lease it wants."""
+
+    future: asyncio.Future[dict[str, Any] | None]
+    lease_s: float | None
+
+
+def lease_arrays(batch: Sequence[Waiter]) -> tuple[list[str | None] | None, list[Any] | None]:
+    """PICK_MANY's per-pick lease ids and durations; NULLs when nobody wants one."""
+    if all(w.lease_s is None for w in batch):
+        return None, None
+    ids = [None if w.lease_s is None else new_lease_id() for w in batch]
+    return ids, [w.lease_s for w in batch]
+
+
 class Batches:
-    """Per (model, node_ids): requests waiting for the pick under way to finish."""
+    """Per (model, node_ids): requests waiting for the pick under way to finish.
+
+    Picks with and without a lease share a batch: each pick carries its own."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._waiting: dict[Key, list[asyncio.Future[dict[str, Any] | None]]] = {}
+        self._waiting: dict[Key, list[Waiter]] = {}
         self._runners: set[asyncio.Task[None]] = set()
 
-    async def pick(self, model: str, node_ids: Sequence[str]) -> dict[str, Any] | None:
+    async def pick(
+        self, model: str, node_ids: Sequence[str], lease_s: float | None = None
+    ) -> dict[str, Any] | None:
         key = (model, tuple(sorted(set(node_ids))))
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(future, lease_s)
         queue = self._waiting.get(key)
         if queue is None:
-            self._waiting[key] = [future]
+            self._waiting[key] = [waiter]
             runner = asyncio.create_task(self._run(key), name=f"findlock:{model}")
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
         else:
-            queue.append(future)
+            queue.append(waiter)
         return await future
 
     async def _run(self, key: Key) -> None:
@@ -153,23 +216,26 @@ class Batches:
         try:
             while queue:
                 batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+                lease_ids, lease_s = lease_arrays(batch)
                 try:
-                    rows = await self._db.fetch(PICK_MANY, key[0], list(key[1]), len(batch))
+                    rows = await self._db.fetch(
+                        PICK_MANY, key[0], list(key[1]), len(batch), lease_ids, lease_s
+                    )
                 except BaseException as exc:
-                    for future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for waiter in batch:
+                        if not waiter.future.done():
+                            waiter.future.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for future, row in zip(batch, [*rows, *[None] * len(batch)], strict=False):
-                    if not future.done():
-                        future.set_result(None if row is None else reply(row))
+                for waiter, row in zip(batch, [*rows, *[None] * len(batch)], strict=False):
+                    if not waiter.future.done():
+                        waiter.future.set_result(None if row is None else reply(row))
         finally:
             del self._waiting[key]
-            for future in queue:
-                if not future.done():
-                    future.cancel()
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.cancel()
 
 
 @group.op("findlock", FindLockRequest)
@@ -177,10 +243,16 @@ async def findlock(ctx: Context, req: FindLockRequest) -> Any:
     """Pick the best loaded replica of a model and count one request in flight on it."""
     if req.prefer is None:
         batches = ctx.state.setdefault("findlock", Batches(ctx.db))
-        picked = await batches.pick(req.model, req.node_ids)
+        picked = await batches.pick(req.model, req.node_ids, req.lease_s)
     else:
         row = await ctx.db.fetchrow(
-            PICK_PREFERRED, req.model, req.node_ids, req.prefer.node_id, req.prefer.replica_index
+            PICK_PREFERRED,
+            req.model,
+            req.node_ids,
+            req.prefer.node_id,
+            req.prefer.replica_index,
+            None if req.lease_s is None else new_lease_id(),
+            req.lease_s,
         )
         picked = None if row is None else reply(row)
     if picked is None:
@@ -208,8 +280,69 @@ async def inflight_inc(ctx: Context, req: ReplicaRef) -> Any:
     return OK
 
 
-@group.op("inflight_dec", ReplicaRef)
-async def inflight_dec(ctx: Context, req: ReplicaRef) -> Any:
-    """A request on a replica finished (never below zero)."""
+# Gives a lease's unit back, once: the replica row is locked first (as every
+# lease statement does), then the lease row is deleted, and only a deletion
+# that happened decrements. A second release finds no row, and a concurrent
+# one waits for the replica, then finds the lease gone and does nothing.
+RELEASE_LEASE = """
+    WITH target AS MATERIALIZED (
+        SELECT r.id FROM leases l JOIN replicas r ON r.id = l.replica_id
+         WHERE l.id = $1
+           FOR NO KEY UPDATE OF r
+    ),
+    gone AS (
+        DELETE FROM leases l USING target
+         WHERE l.id = $1 AND l.replica_id = target.id
+        RETURNING l.replica_id
+    )
+    UPDATE replicas r SET in_flight = r.in_flight - 1
+      FROM gone WHERE r.id = gone.replica_id AND r.in_flight > 0"""
+
+
+class InflightDecRequest(Request):
+    """Either a replica (node_id, model, replica_index) or a lease (lease_id)."""
+
+    lease_id: LeaseId | None = None
+    node_id: NodeId | None = None
+    model: ModelName | None = None
+    replica_index: ReplicaIndex = 0
+
+
+@group.op("inflight_dec", InflightDecRequest)
+async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
+    """A request on a replica finished, by replica or by lease (never below zero)."""
+    if req.lease_id is not None:
+        await ctx.db.execute(RELEASE_LEASE, req.lease_id)
+        return OK
+    if req.node_id is None:
+        missing = "lease_id" if req.model is None else "node_id"
+        raise BadRequest(
+            f"missing required field '{missing}': give 'lease_id', "
+            "or 'node_id', 'model' and 'replica_index'"
+        )
+    if req.model is None:
+        raise BadRequest("missing required field 'model'")
     await ctx.db.execute(INFLIGHT_DEC, req.node_id, req.model, req.replica_index)
     return OK
+
+
+class LeaseRenewRequest(Request):
+    lease_id: LeaseId
+    lease_s: LeaseSeconds
+
+
+# An expired lease cannot be renewed, even before the sweep has released it:
+# `expires_at >= now()` here is the exact complement of the sweep's test.
+LEASE_RENEW = """
+    UPDATE leases SET expires_at = now() + make_interval(secs => $2)
+     WHERE id = $1 AND expires_at >= now()
+    RETURNING expires_at"""
+
+
+@group.op("lease_renew", LeaseRenewRequest)
+async def lease_renew(ctx: Context, req: LeaseRenewRequest) -> Any:
+    """Extend a lease on a unit in flight to `lease_s` seconds from now."""
+    expires_at = await ctx.db.fetchval(LEASE_RENEW, req.lease_id, req.lease_s)
+    if expires_at is None:
+        raise NotFound(f"lease {req.lease_id} not found: released or expired")
+    return {"expires_at": expires_at}

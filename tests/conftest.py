@@ -9,13 +9,15 @@ prefix and stream name of its own for every daemon.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -25,7 +27,7 @@ import pytest
 
 from daemon import config, db, embedded
 from daemon.app import Daemon
-from tests.support import Client, connect
+from tests.support import Client, Registryd, connect
 
 RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count()
@@ -181,3 +183,36 @@ def daemon_env(nats_url: str, database_url: str) -> dict[str, str]:
 
 
 REGISTRYD = [sys.executable, "-m", "daemon"]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registryd]]]:
+    """Start registryd subprocesses; any still running at the end are stopped."""
+    started: list[Registryd] = []
+
+    async def start(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> Registryd:
+        log = tmp_path / f"registryd-{len(started)}.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *REGISTRYD,
+                *args,
+                env=dict(env),
+                cwd=cwd or tmp_path,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        daemon = Registryd(proc, log)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.running:
+            # SIGTERM, not SIGKILL: an --embedded daemon stops its servers then.
+            daemon.send(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(daemon.proc.wait(), 30)
+            except TimeoutError:
+                daemon.proc.kill()
+                await daemon.proc.wait()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,6 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from daemon.delivery import sanitize
 from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
 
 
@@ -43,7 +46,7 @@ class Client:
             f"{self.prefix}.{op}", data, timeout=self.timeout, headers=headers
         )
 
-    async def call(self, op: str, body: Any = None, **fields: Any) -> Any:
+    async def call(self, op: str, body: Any = None, /, **fields: Any) -> Any:
         """Send a request; the parsed reply, or CallError for an error reply."""
         if body is None:
             body = fields
@@ -51,7 +54,7 @@ class Client:
         reply = await self.raw(op, data)
         return parse(reply)
 
-    async def call_with_headers(self, op: str, **fields: Any) -> tuple[Any, dict[str, str]]:
+    async def call_with_headers(self, op: str, /, **fields: Any) -> tuple[Any, dict[str, str]]:
         reply = await self.raw(op, orjson.dumps(fields))
         return parse(reply), dict(reply.headers or {})
 
@@ -170,6 +173,58 @@ async def connect(url: str) -> NATS:
     return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
 
 
+class Worker:
+    """A fake LocalAI worker: answers nodes.<id>.backend.* as told, and records requests."""
+
+    def __init__(self, client: Client, node_id: str) -> None:
+        self.client = client
+        self.node_id = node_id
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.reply: dict[str, Any] | None = {"success": True}  # None: stay silent
+        self.gate: asyncio.Event | None = None  # set: hold replies until it is set
+        self.arrived = asyncio.Event()
+        self._subs: list[Any] = []
+
+    async def start(self, ops: tuple[str, ...] = ("install", "upgrade", "delete")) -> Worker:
+        for op in ops:
+            subject = f"nodes.{sanitize(self.node_id)}.backend.{op}"
+            self._subs.append(await self.client.nc.subscribe(subject, cb=self._serve))
+        await self.client.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+
+    async def _serve(self, msg: Msg) -> None:
+        op = msg.subject.rsplit(".", 1)[-1]
+        self.requests.append((op, orjson.loads(msg.data)))
+        self.arrived.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.reply is not None:
+            await msg.respond(orjson.dumps(self.reply))
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count:
+            assert time.monotonic() < deadline, f"worker got {self.requests}, wanted {count}"
+            await asyncio.sleep(0.02)
+        return self.requests
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy, failing after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 class Proxy:
     """A TCP proxy in front of PostgreSQL that a test can cut and restore.
 
@@ -229,3 +284,37 @@ class Proxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+@dataclass
+class Registryd:
+    """One registryd subprocess; its stdout and stderr go to a log file."""
+
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def send(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    async def exit_code(self, within: float = 30.0) -> int:
+        try:
+            return await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            pytest.fail(
+                f"registryd (pid {self.pid}) still running after {within:g}s:\n" + self.output()
+            )
+
+    def assert_running(self) -> None:
+        if not self.running:
+            pytest.fail(f"registryd exited with {self.proc.returncode}:\n{self.output()}")

@@ -29,7 +29,7 @@ from daemon import __version__, embedded
 from daemon.app import Daemon
 from daemon.sdnotify import Notifier
 from tests.conftest import REGISTRYD, with_database
-from tests.support import Client, connect
+from tests.support import Client, Registryd, connect
 
 T = TypeVar("T")
 
@@ -51,73 +51,6 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within:g}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-@dataclass
-class Registryd:
-    """One registryd subprocess; its stdout and stderr go to a log file."""
-
-    proc: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc.returncode is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def send(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    async def exit_code(self, within: float = 30.0) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except TimeoutError:
-            pytest.fail(
-                f"registryd (pid {self.pid}) still running after {within:g}s:\n" + self.output()
-            )
-
-    def assert_running(self) -> None:
-        if not self.running:
-            pytest.fail(f"registryd exited with {self.proc.returncode}:\n{self.output()}")
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registryd]]]:
-    """Start registryd subprocesses; any still running at the end are stopped."""
-    started: list[Registryd] = []
-
-    async def start(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> Registryd:
-        log = tmp_path / f"registryd-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *REGISTRYD,
-                *args,
-                env=dict(env),
-                cwd=cwd or tmp_path,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        daemon = Registryd(proc, log)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.running:
-            # SIGTERM, not SIGKILL: an --embedded daemon stops its servers then.
-            daemon.send(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(daemon.proc.wait(), 30)
-            except TimeoutError:
-                daemon.proc.kill()
-                await daemon.proc.wait()
 
 
 @dataclass

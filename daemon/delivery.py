@@ -1,0 +1,356 @@
+"""Delivering backend intents to the workers, as LocalAI's frontend does.
+
+The daemons share one durable JetStream pull consumer on the intent stream, so
+each message (one version of one intent) is with one daemon at a time. Waiting
+is a `nak(delay=…)`: for the retry time, or for the node to be healthy again,
+never longer than REGISTRY_DRAIN_INTERVAL.
+
+Before it asks the worker, a daemon *claims* the intent: it writes a version
+carrying a claim token, conditional on the version it was handed being still
+the newest. So of two versions in flight at once (the daemon's own copy made
+when a node turns healthy, say) only one is delivered, and a version that shows
+a live claim is put back until the claim ends. The outcome is recorded against
+the claim: success removes the intent, failure schedules the next attempt. An
+admin's reissue drops the claim and is delivered on its own, once more. A
+daemon killed mid-request leaves its claim to expire after the request's
+timeout; then another daemon delivers the intent again.
+
+Worker subjects and payloads are LocalAI's (reference/subjects.go):
+nodes.<id>.backend.install {backend, backend_galleries[, force]},
+nodes.<id>.backend.upgrade {backend, backend_galleries},
+nodes.<id>.backend.delete {backend}; the reply is {success, error}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as RequestTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from daemon.config import Settings
+from daemon.db import Database
+from daemon.events import Events
+from daemon.intents import Changed, IntentStore, Stored
+
+log = logging.getLogger("registryd.delivery")
+
+CONSUMER = "registryd-delivery"
+ACK_WAIT = 30.0
+# How long past its request's timeout a claim stays good (at most this long,
+# and never longer than the timeout itself): a daemon that neither finished nor
+# handed the intent back by then is taken to be dead.
+CLAIM_GRACE = 30.0
+DELETE_TIMEOUT = 60.0
+CONCURRENCY = 32
+
+NODE_AND_NOW = "SELECT now() AS now, (SELECT status FROM nodes WHERE id = $1) AS status"
+NOW = "SELECT now()"
+
+# A node nobody answers for is not healthy, whatever its last heartbeat said.
+MARK_UNHEALTHY = """
+    UPDATE nodes SET status = 'unhealthy', updated_at = now()
+     WHERE id = $1 AND status = 'healthy'
+    RETURNING name"""
+
+
+def sanitize(token: str) -> str:
+    """A node id as one subject token, as LocalAI's sanitizeSubjectToken does."""
+    for char in ".*> \t\n":
+        token = token.replace(char, "-")
+    return token
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "ok", "failed", "in_flight" (timed out, still working), "no_responders"
+    error: str = ""
+
+
+class Delivery:
+    def __init__(
+        self, nc: NATS, settings: Settings, db: Database, store: IntentStore, events: Events
+    ) -> None:
+        self._nc = nc
+        self._s = settings
+        self._db = db
+        self._store = store
+        self._events = events
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription: Any = None
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        """Fetch and handle due intents until cancelled; outages are waited out."""
+        failing = False
+        while True:
+            try:
+                if self._subscription is None:
+                    self._subscription = await self._subscribe()
+                await self._slots.acquire()
+                self._slots.release()
+                msgs = await self._subscription.fetch(
+                    batch=CONCURRENCY, timeout=min(self._s.drain_interval, 5.0)
+                )
+            except RequestTimeout:
+                msgs = []
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning("intent delivery paused: %s", exc or type(exc).__name__)
+                    failing = True
+                await self._drop_subscription()
+                await asyncio.sleep(1.0)
+                continue
+            if failing:
+                log.info("intent delivery resumed")
+                failing = False
+            for msg in msgs:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle_safely(msg), name="deliver-intent")
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _subscribe(self) -> Any:
+        return await self._store.js.pull_subscribe(
+            f"{self._store.root}.>",
+            durable=CONSUMER,
+            stream=self._store.stream,
+            config=ConsumerConfig(
+                durable_name=CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ACK_WAIT,
+                max_deliver=-1,
+                max_ack_pending=100_000,
+            ),
+        )
+
+    async def _drop_subscription(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            try:
+                await subscription.unsubscribe()
+            except Exception:
+                log.debug("unsubscribe failed", exc_info=True)
+
+    async def stop(self) -> None:
+        # Messages fetched but not handled go back to the consumer (unacked),
+        # and an unsubscribed fetch leaves nothing for a NATS drain to wait on.
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._drop_subscription()
+
+    async def _handle_safely(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Left unacked, the message comes back after the ack wait.
+            log.warning("could not handle intent %s: %s", msg.subject, exc or type(exc).__name__)
+
+    # ------------------------------------------------------------ one message
+
+    def _timeout(self, op: str) -> float:
+        if op == "delete":
+            return min(DELETE_TIMEOUT, self._s.install_timeout)
+        return self._s.install_timeout
+
+    async def _handle(self, msg: Msg) -> None:
+        stored = Stored(msg.metadata.sequence.stream, orjson.loads(msg.data), msg.subject)
+        intent = stored.body
+        if intent.get("dead"):
+            await msg.ack()
+            return
+        latest = await self._store.get(msg.subject)
+        if latest is None or latest.seq != stored.seq:
+            await msg.ack()  # cancelled, or replaced by a version of its own
+            return
+        row = await self._db.fetchrow(NODE_AND_NOW, intent["node_id"])
+        assert row is not None
+        now: datetime = row["now"]
+        if row["status"] is None:
+            log.info(
+                "dropping %s of %r: node %s is gone",
+                intent["op"],
+                intent["backend"],
+                intent["node_id"],
+            )
+            await self._store.delete_version(stored)
+            await msg.ack()
+            return
+        claim = intent.get("delivering")
+        if claim:
+            timeout = self._timeout(intent["op"])
+            ends = datetime.fromisoformat(claim["since"]) + timedelta(
+                seconds=timeout + min(CLAIM_GRACE, timeout)
+            )
+            if ends > now:  # being delivered right now, by us or by another daemon
+                await msg.nak(delay=min((ends - now).total_seconds(), self._s.drain_interval))
+                return
+            log.warning("a delivery of %s was never finished; delivering again", describe(intent))
+        if row["status"] != "healthy":
+            await msg.nak(delay=self._s.drain_interval)
+            return
+        wait = (datetime.fromisoformat(intent["next_retry_at"]) - now).total_seconds()
+        if wait > 0:
+            await msg.nak(delay=min(wait, self._s.drain_interval))
+            return
+        token = uuid.uuid4().hex
+        try:
+            await self._store.put(
+                msg.subject, intent | {"delivering": {"token": token, "since": now}}, stored.seq
+            )
+        except Changed:
+            await msg.ack()  # changed meanwhile: the newer version is handled instead
+            return
+        await msg.ack()
+        try:
+            outcome = await self._send(intent)
+        except asyncio.CancelledError:
+            # Stopping: hand the intent back at once rather than when the claim ends.
+            await asyncio.shield(self._release(msg.subject, token))
+            raise
+        await self._record(msg.subject, token, intent, outcome)
+
+    async def _release(self, subject: str, token: str) -> None:
+        def unclaim(current: Stored | None) -> dict[str, Any] | None:
+            if current is None or not _claimed_by(current, token):
+                return None
+            return {k: v for k, v in current.body.items() if k != "delivering"}
+
+        try:
+            await self._store.write(subject, unclaim)
+        except Exception as exc:
+            log.warning("could not hand back %s: %s", subject, exc)
+
+    # ------------------------------------------------------------ the worker
+
+    async def _send(self, intent: dict[str, Any]) -> Outcome:
+        node, op, backend = sanitize(intent["node_id"]), intent["op"], intent["backend"]
+        galleries = intent.get("galleries") or ""
+        base = f"nodes.{node}.backend"
+        if op == "delete":
+            return await self._request(f"{base}.delete", {"backend": backend}, self._timeout(op))
+        payload = {"backend": backend} | ({"backend_galleries": galleries} if galleries else {})
+        if op == "upgrade":
+            outcome = await self._request(f"{base}.upgrade", payload, self._s.install_timeout)
+            if outcome.kind != "no_responders":
+                return outcome
+            # A worker from before backend.upgrade: install with force is its upgrade.
+            payload = payload | {"force": True}
+        return await self._request(f"{base}.install", payload, self._s.install_timeout)
+
+    async def _request(self, subject: str, payload: dict[str, Any], wait: float) -> Outcome:
+        try:
+            reply = await self._nc.request(subject, orjson.dumps(payload), timeout=wait)
+        except NoRespondersError:
+            return Outcome("no_responders", f"no worker answers on {subject}")
+        except RequestTimeout:
+            kind = "failed" if subject.endswith(".delete") else "in_flight"
+            return Outcome(kind, f"no reply on {subject} within {wait:g}s")
+        try:
+            answer = orjson.loads(reply.data)
+        except orjson.JSONDecodeError:
+            return Outcome("failed", f"worker replied with something that is not JSON on {subject}")
+        if isinstance(answer, dict) and answer.get("success") is True:
+            return Outcome("ok")
+        error = answer.get("error") if isinstance(answer, dict) else None
+        return Outcome("failed", str(error or "worker reported failure"))
+
+    # ------------------------------------------------------------ the outcome
+
+    def backoff(self, attempts: int) -> float:
+        return min(self._s.backoff_base * 2 ** max(attempts - 1, 0), self._s.backoff_cap)
+
+    async def _record(
+        self, subject: str, token: str, intent: dict[str, Any], outcome: Outcome
+    ) -> None:
+        what = describe(intent)
+        if outcome.kind == "ok":
+            # Remove the intent if it is still ours (a copy made meanwhile keeps
+            # our claim); an admin's reissue meanwhile stays, to go out again.
+            for _ in range(50):
+                current = await self._store.get(subject)
+                if current is None or not _claimed_by(current, token):
+                    break
+                await self._store.delete_version(current)
+            log.info("%s done", what)
+            return
+        if outcome.kind == "no_responders":
+            name = await self._db.fetchval(MARK_UNHEALTHY, intent["node_id"])
+            if name is not None:
+                await self._events.node(
+                    intent["node_id"],
+                    name,
+                    "unhealthy",
+                    "healthy",
+                    "no worker answered a backend intent",
+                )
+        now: datetime = await self._db.fetchval(NOW)
+        abandoned = False
+
+        def apply(current: Stored | None) -> dict[str, Any] | None:
+            nonlocal abandoned
+            if current is None:
+                return None  # cancelled while we were delivering it
+            ours = _claimed_by(current, token)
+            body = {k: v for k, v in current.body.items() if not (ours and k == "delivering")}
+            body["last_error"] = outcome.error
+            if outcome.kind == "in_flight":
+                # Still installing, most likely: look again after the install
+                # timeout, and do not count it as a failed attempt.
+                if ours:
+                    body["next_retry_at"] = now + timedelta(seconds=self._s.install_timeout)
+                return body
+            body["attempts"] = int(body.get("attempts", 0)) + 1
+            if not ours:
+                return body  # asked for again meanwhile: it stays due now
+            if body["attempts"] >= self._s.max_attempts:
+                body["dead"] = True
+                abandoned = True
+            body["next_retry_at"] = now + timedelta(seconds=self.backoff(body["attempts"]))
+            return body
+
+        written = await self._store.write(subject, apply)
+        if abandoned and written is not None:
+            log.warning(
+                "abandoned %s after %d attempts: %s",
+                what,
+                written.body["attempts"],
+                outcome.error,
+                extra={
+                    "intent_id": intent["id"],
+                    "node_id": intent["node_id"],
+                    "backend": intent["backend"],
+                    "op": intent["op"],
+                },
+            )
+        else:
+            log.info("%s: %s", what, outcome.error)
+
+
+def _claimed_by(stored: Stored, token: str) -> bool:
+    return (stored.body.get("delivering") or {}).get("token") == token
+
+
+def describe(intent: dict[str, Any]) -> str:
+    return f"{intent['op']} of {intent['backend']!r} on {intent['node_id']}"

@@ -1,0 +1,206 @@
+"""Backend intents, kept durably in a JetStream stream.
+
+One message per (node, backend, op): its subject is
+`<prefix>.intents.<node_id>.<op>.<backend as base64url>`, and the stream keeps
+only the newest message of each subject, so the stream *is* the set of intents.
+base64url keeps any backend name (dots, spaces, `*`, `>`, non-ASCII) one valid
+subject token, and distinct names distinct tokens.
+
+Every change is a publish that names the sequence it replaces
+(`Nats-Expected-Last-Subject-Sequence`), so two writers (an admin reissuing, a
+daemon recording a failed attempt) never overwrite each other blindly: the
+loser reads the newer version and applies its change to that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from daemon.config import Settings
+
+log = logging.getLogger("registryd.intents")
+
+OPS = ("install", "delete", "upgrade")
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expectation
+_STREAM_NOT_FOUND = 10059
+
+
+def encode_backend(backend: str) -> str:
+    return base64.urlsafe_b64encode(backend.encode()).decode("ascii").rstrip("=")
+
+
+def intent_id(node_id: str, backend: str, op: str) -> int:
+    """A stable number for one (node, backend, op), as Go's row id was a number.
+
+    48 bits of a SHA-256: exact in every JSON parser, and no collision in any
+    registry of realistic size.
+    """
+    digest = hashlib.sha256(f"{node_id}\0{op}\0{backend}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+@dataclass
+class Stored:
+    """An intent as the stream holds it, with the sequence of its message."""
+
+    seq: int
+    body: dict[str, Any]
+    subject: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """The wire's intent: not the galleries blob (Go's json:"-"), nor a claim."""
+        return {k: v for k, v in self.body.items() if k not in ("galleries", "delivering")}
+
+
+class Changed(Exception):
+    """The intent changed since it was read."""
+
+
+class IntentStore:
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self._js: JetStreamContext = nc.jetstream(timeout=settings.db_timeout)
+        self.stream = settings.stream
+        self.root = f"{settings.subject_prefix}.intents"
+        self._replicas = settings.stream_replicas
+
+    def subject(self, node_id: str, op: str, backend: str) -> str:
+        return f"{self.root}.{node_id}.{op}.{encode_backend(backend)}"
+
+    # ------------------------------------------------------------ stream
+
+    async def ensure_stream(self) -> None:
+        config = StreamConfig(
+            name=self.stream,
+            description="registryd backend intents: the newest message per (node, backend, op)",
+            subjects=[f"{self.root}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.OLD,
+            num_replicas=self._replicas,
+            allow_direct=True,
+        )
+        try:
+            await self._js.stream_info(self.stream)
+        except NotFoundError:
+            try:
+                await self._js.add_stream(config)
+                log.info("created JetStream stream %s", self.stream)
+                return
+            except BadRequestError:
+                pass  # another instance created it first: update it below
+        await self._js.update_stream(config)
+
+    # ------------------------------------------------------------ reads
+
+    async def get(self, subject: str) -> Stored | None:
+        try:
+            msg = await self._js.get_last_msg(self.stream, subject)
+        except NotFoundError:
+            return None
+        assert msg.data is not None and msg.seq is not None
+        return Stored(msg.seq, orjson.loads(msg.data), subject)
+
+    async def all(self, node_id: str | None = None) -> list[Stored]:
+        """Every intent (of one node), read concurrently, one request per intent."""
+        wanted = f"{self.root}.{node_id}.>" if node_id else f"{self.root}.>"
+        try:
+            info = await self._js.stream_info(self.stream, subjects_filter=wanted)
+        except NotFoundError:
+            return []
+        subjects = list((info.state.subjects or {}).keys())
+        gate = asyncio.Semaphore(32)
+
+        async def read(subject: str) -> Stored | None:
+            async with gate:
+                return await self.get(subject)
+
+        found = await asyncio.gather(*(read(s) for s in subjects))
+        return [s for s in found if s is not None]
+
+    # ------------------------------------------------------------ writes
+
+    async def put(self, subject: str, body: dict[str, Any], expected_seq: int) -> int:
+        """Write a new version if the intent is still at `expected_seq` (0: absent)."""
+        try:
+            ack = await self._js.publish(
+                subject,
+                orjson.dumps(body, option=orjson.OPT_UTC_Z),
+                stream=self.stream,
+                headers={"Nats-Expected-Last-Subject-Sequence": str(expected_seq)},
+            )
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Changed(subject) from None
+            raise
+        return ack.seq
+
+    async def write(
+        self, subject: str, change: Callable[[Stored | None], dict[str, Any] | None]
+    ) -> Stored | None:
+        """Read, change, write; again while someone else writes in between.
+
+        `change` gets the current version (None: no intent) and returns the new
+        body, or None to leave things as they are. Returns what was written.
+        """
+        for _ in range(50):
+            current = await self.get(subject)
+            body = change(current)
+            if body is None:
+                return None
+            try:
+                seq = await self.put(subject, body, current.seq if current else 0)
+            except Changed:
+                continue
+            return Stored(seq, orjson.loads(orjson.dumps(body, option=orjson.OPT_UTC_Z)), subject)
+        raise Changed(subject)
+
+    async def delete_version(self, stored: Stored) -> None:
+        """Remove exactly this version: a newer one, written meanwhile, stays."""
+        try:
+            await self._js.delete_msg(self.stream, stored.seq)
+        except NotFoundError:
+            pass
+        except APIError as exc:  # already gone: replaced or cancelled
+            log.debug("intent version %d already gone: %s", stored.seq, exc)
+
+    async def remove(self, subject: str) -> None:
+        """Cancel an intent, whatever version it is at."""
+        await self._js.purge_stream(self.stream, subject=subject)
+
+    async def purge_node(self, node_id: str) -> None:
+        """Drop every intent of a node (it was deregistered)."""
+        await self._js.purge_stream(self.stream, subject=f"{self.root}.{node_id}.>")
+
+    async def kick(self, node_id: str) -> None:
+        """Have a node's queued intents looked at now (it just became healthy).
+
+        Each is written again unchanged: the new message reaches the delivery
+        consumer at once, instead of when the wait of the old one runs out.
+        Best effort: if this fails they still go out at the next drain interval.
+        """
+        try:
+            for stored in await self.all(node_id):
+                if not stored.body.get("dead"):
+                    try:
+                        await self.put(stored.subject, stored.body, stored.seq)
+                    except Changed:
+                        pass  # changed meanwhile: that version is looked at anyway
+        except Exception as exc:
+            log.warning("could not wake the intents of node %s: %s", node_id, exc)
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self._js
