@@ -27,6 +27,7 @@ from daemon import __version__, db
 from daemon.config import Settings
 from daemon.delivery import Delivery
 from daemon.events import Events
+from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService
@@ -48,6 +49,7 @@ class Daemon:
         self.nc: NATS | None = None
         self.service: RegistryService | None = None
         self.delivery: Delivery | None = None
+        self.heartbeats: Heartbeats | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._failure: str | None = None
@@ -63,8 +65,12 @@ class Daemon:
         events = Events(self.nc, s.subject_prefix)
         intents = IntentStore(self.nc, s)
         await ensure_stream(intents)
-        ctx = Context(settings=s, db=self.db, events=events, intents=intents)
+        self.heartbeats = Heartbeats(self.db)
+        ctx = Context(
+            settings=s, db=self.db, events=events, intents=intents, heartbeats=self.heartbeats
+        )
         self.service = RegistryService(self.nc, ctx)
+        self._spawn("heartbeat-writer", self.heartbeats.run)
         await self.service.start()
         self._spawn("health-sweep", Sweep(s, self.db, events, intents).run)
         self.delivery = Delivery(self.nc, s, self.db, intents, events)
@@ -128,9 +134,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         if self.delivery is not None:
-            # A worker request cut short leaves its intent unacked: it is
-            # delivered again, by another instance or after our restart.
             await self.delivery.stop()
+        if self.heartbeats is not None:
+            await self.heartbeats.flush(wait=self.settings.db_timeout)
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.drain()

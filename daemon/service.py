@@ -28,7 +28,7 @@ from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
 from pydantic import ValidationError
 
 from daemon import __version__
-from daemon.errors import BadRequest, RegistryError, TooLarge, classify
+from daemon.errors import BadRequest, RegistryError, TooLarge, Unavailable, classify
 from subjects import OPERATIONS
 from subjects.base import Context, Operation, Reply
 
@@ -41,10 +41,28 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 JSON_OPTIONS = orjson.OPT_UTC_Z
 
 
+class Health:
+    """Says once when requests start failing with 503, and once when they stop."""
+
+    def __init__(self) -> None:
+        self.failing: str | None = None
+
+    def unavailable(self, why: str) -> None:
+        if self.failing is None:
+            log.warning("requests get 503 until it returns: %s", why)
+        self.failing = why
+
+    def ok(self) -> None:
+        if self.failing is not None:
+            log.info("requests served again after: %s", self.failing)
+            self.failing = None
+
+
 class Limiter:
     """Counts requests in progress across all endpoints, and bounds them."""
 
     def __init__(self, limit: int) -> None:
+        self.health = Health()
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -120,10 +138,13 @@ class RegistryEndpoint(Endpoint):
         self._num_requests += 1
         try:
             body, headers = await self._answer(msg)
+            self._limiter.health.ok()
         except RegistryError as err:
             self._num_errors += 1
             self._last_error = f"{err.code}:{err.message}"
             body, headers = error_reply(err)
+            if isinstance(err, Unavailable):
+                self._limiter.health.unavailable(err.message)
         if msg.reply:
             try:
                 await self._service._client.publish(msg.reply, body, headers=headers)
@@ -142,6 +163,8 @@ class RegistryEndpoint(Endpoint):
         fields = parse_body(msg.data)
         if op.subject_field:
             fields[op.subject_field] = msg.subject.rsplit(".", 1)[-1]
+        if op.reply_field:
+            fields[op.reply_field] = bool(msg.reply)
         try:
             request = op.model.model_validate(fields)
         except ValidationError as exc:

@@ -20,6 +20,7 @@ from daemon.config import Settings
 from daemon.db import Database
 from daemon.errors import BadRequest, NotFound
 from daemon.events import Events
+from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
 
 # ---------------------------------------------------------------- field types
@@ -124,6 +125,7 @@ class Context:
     db: Database
     events: Events
     intents: IntentStore
+    heartbeats: Heartbeats
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +141,9 @@ class Operation(Generic[M]):
     # Operations whose subject carries an argument (registry.heartbeat.<node_id>)
     # name the request field the last subject token fills.
     subject_field: str | None = None
+    # Operations that behave differently when nobody waits for the reply (a
+    # published heartbeat) name the request field told whether one is wanted.
+    reply_field: str | None = None
     description: str = ""
 
 
@@ -149,12 +154,17 @@ class Group:
         self.operations: list[Operation[Any]] = []
 
     def op(
-        self, name: str, model: type[M], *, subject_field: str | None = None
+        self,
+        name: str,
+        model: type[M],
+        *,
+        subject_field: str | None = None,
+        reply_field: str | None = None,
     ) -> Callable[[Handler[M]], Handler[M]]:
         def register(handler: Handler[M]) -> Handler[M]:
             doc = (handler.__doc__ or "").strip().splitlines()
             self.operations.append(
-                Operation(name, model, handler, subject_field, doc[0] if doc else "")
+                Operation(name, model, handler, subject_field, reply_field, doc[0] if doc else "")
             )
             return handler
 

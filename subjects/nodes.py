@@ -343,40 +343,21 @@ class HeartbeatRequest(Request):
     total_vram: ByteCount | None = None
     available_ram: ByteCount | None = None
     gpu_vendor: Annotated[str, StringConstraints(max_length=32)] | None = None
+    # Set by the service edge: whether the worker waits for a reply.
+    wants_reply: bool = False
 
 
-# Pending and offline nodes only get their timestamp: they come back through
-# approval or re-registration, not through a heartbeat. A fresh VRAM reading
-# replaces the schedulers' soft reservation.
-HEARTBEAT = """
-    UPDATE nodes SET
-        last_heartbeat = now(),
-        available_vram = CASE WHEN status IN ('pending', 'offline') OR $2::bigint IS NULL
-                              THEN available_vram ELSE $2 END,
-        reserved_vram  = CASE WHEN status IN ('pending', 'offline') OR $2::bigint IS NULL
-                              THEN reserved_vram ELSE 0 END,
-        total_vram     = CASE WHEN status IN ('pending', 'offline') OR $3::bigint IS NULL
-                              THEN total_vram ELSE $3 END,
-        available_ram  = CASE WHEN status IN ('pending', 'offline') OR $4::bigint IS NULL
-                              THEN available_ram ELSE $4 END,
-        gpu_vendor     = CASE WHEN status IN ('pending', 'offline') OR COALESCE($5, '') = ''
-                              THEN gpu_vendor ELSE $5 END
-    WHERE id = $1
-    RETURNING id"""
-
-
-@group.op("heartbeat", HeartbeatRequest, subject_field="node_id")
+@group.op("heartbeat", HeartbeatRequest, subject_field="node_id", reply_field="wants_reply")
 async def heartbeat(ctx: Context, req: HeartbeatRequest) -> Any:
     """A worker's heartbeat on registry.heartbeat.<node_id>, with its free VRAM."""
-    found = await ctx.db.fetchval(
-        HEARTBEAT,
-        req.node_id,
-        req.available_vram,
-        req.total_vram,
-        req.available_ram,
-        req.gpu_vendor,
+    reading = req.model_dump(
+        include={"available_vram", "total_vram", "available_ram", "gpu_vendor"}
     )
-    if found is None:
+    if not req.wants_reply:
+        # Published: queued and written with the next batch (daemon/heartbeats.py).
+        ctx.heartbeats.submit(req.node_id, reading)
+        return OK
+    if not await ctx.heartbeats.write(req.node_id, reading, ctx.settings.db_timeout):
         raise NotFound(f"node {req.node_id} not found")
     return OK
 

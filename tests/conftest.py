@@ -27,7 +27,7 @@ import pytest
 
 from daemon import config, db, embedded
 from daemon.app import Daemon
-from tests.support import Client, Registryd, connect
+from tests.support import Client, Proxy, Registryd, connect
 
 RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count()
@@ -216,3 +216,23 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registr
             except TimeoutError:
                 daemon.proc.kill()
                 await daemon.proc.wait()
+
+
+def through(url: str, port: int) -> str:
+    """The same database, reached over TCP on 127.0.0.1:port (the proxy)."""
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    auth = user + (f":{parts.password}" if parts.password else "")
+    return urlunsplit(("postgresql", f"{auth}@127.0.0.1:{port}", parts.path, "", ""))
+
+
+@pytest.fixture
+async def proxy(database_url: str) -> AsyncIterator[Proxy]:
+    """A TCP proxy in front of this test's database, to cut it and restore it."""
+    parts = urlsplit(database_url)
+    proxy = Proxy(
+        unix_socket_of(database_url) or (parts.hostname or "127.0.0.1", parts.port or 5432)
+    )
+    await proxy.start()
+    yield proxy
+    await proxy.close()

@@ -7,16 +7,15 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import pytest
 
 from daemon.app import Daemon
-from tests.conftest import unix_socket_of
+from tests.conftest import through
 from tests.support import CallError, Client, Proxy, connect
 
 ERROR_HEADERS = ("Nats-Service-Error", "Nats-Service-Error-Code")
@@ -159,24 +158,6 @@ async def test_an_unexpected_failure_is_500_with_a_request_id_and_no_internals(
         "node.name": "gpu-1",
         "node.replica-slots": "1",
     }
-
-
-def through(url: str, port: int) -> str:
-    """The same database, reached over TCP on 127.0.0.1:port (the proxy)."""
-    parts = urlsplit(url)
-    user = parts.username or "postgres"
-    auth = user + (f":{parts.password}" if parts.password else "")
-    return urlunsplit(("postgresql", f"{auth}@127.0.0.1:{port}", parts.path, "", ""))
-
-
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[Proxy]:
-    parts = urlsplit(database_url)
-    target = unix_socket_of(database_url) or (parts.hostname or "127.0.0.1", parts.port or 5432)
-    proxy = Proxy(target)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def test_an_unreachable_database_is_503_and_service_resumes_by_itself(

@@ -23,6 +23,25 @@ async def srv(client: Client, verb: str, daemon: Daemon) -> dict[str, Any]:
     return orjson.loads(reply.data)
 
 
+# Every operation of the wire contract (CONTRACT.md), and its additions.
+CONTRACT = """
+register approve deregister offline unhealthy healthy drain heartbeat auth_refs get list stale
+max_replicas max_replicas_reset find_vram find_idle find_least_loaded find_selector free_slots
+capacity reserve_vram release_vram findlock replica_set replica_get replica_remove
+replica_remove_all replica_touch replica_load_info inflight_inc inflight_dec replica_count
+replica_next_index replica_stats node_models loaded_models nodes_with_model lru lru_global
+loaded_count load_info_set load_info_get label_set labels_set label_remove labels_get labels_all
+scheduling_set scheduling_get scheduling_list scheduling_delete unsatisfiable_bump
+unsatisfiable_mark unsatisfiable_clear backend_op backend_ops backend_ops_count
+backend_op_cancel lease_renew
+""".split()
+
+
+async def test_every_operation_of_the_contract_is_served(client: Client, daemon: Daemon) -> None:
+    info = await srv(client, "INFO", daemon)
+    assert sorted(e["name"] for e in info["endpoints"]) == sorted(CONTRACT)
+
+
 async def test_ping_and_info_describe_every_operation(client: Client, daemon: Daemon) -> None:
     ping = await srv(client, "PING", daemon)
     assert ping["name"] == "registry"

@@ -9,14 +9,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from daemon.app import Daemon
 from daemon.sweep import SWEEP_LOCK_KEY
-from tests.conftest import unix_socket_of
+from tests.conftest import through
 from tests.support import Client, Listener, Proxy, connect, drained_for, next_for
 
 # A round every 0.2 s; a node is stale after 30 s without a heartbeat, so the
@@ -328,25 +327,6 @@ async def test_the_sweep_outlives_a_broken_database(
         r.name == "registryd.sweep" and r.getMessage() == "health sweep working again"
         for r in caplog.records
     )
-
-
-def through(url: str, port: int) -> str:
-    """The same database, reached over TCP on 127.0.0.1:port (the proxy)."""
-    parts = urlsplit(url)
-    user = parts.username or "postgres"
-    auth = user + (f":{parts.password}" if parts.password else "")
-    return urlunsplit(("postgresql", f"{auth}@127.0.0.1:{port}", parts.path, "", ""))
-
-
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[Proxy]:
-    parts = urlsplit(database_url)
-    proxy = Proxy(
-        unix_socket_of(database_url) or (parts.hostname or "127.0.0.1", parts.port or 5432)
-    )
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def test_the_sweep_outlives_an_unreachable_database(

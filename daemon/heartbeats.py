@@ -1,0 +1,166 @@
+"""Heartbeats, coalesced per node and written in batches.
+
+Every worker heartbeats, so one UPDATE per heartbeat would make the database
+the registry's bottleneck. Instead readings wait here, the latest one per node
+(a later reading's fields win; fields it leaves out keep the earlier value),
+and one statement writes all that arrived while the previous write ran. An idle
+registry writes a lone heartbeat at once; a busy one writes thousands per
+statement.
+
+While the database is unreachable, readings are kept (still the latest per
+node, so memory is bounded by the number of nodes) and written when it returns:
+a heartbeat published during an outage is applied after it, not dropped. A
+heartbeat that asked for a reply gets it once its batch is written (404 for an
+unknown node), or a 503 after REGISTRY_DB_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.db import Database
+from daemon.errors import Unavailable, classify
+
+log = logging.getLogger("registryd.heartbeats")
+
+# Pending and offline nodes only get their timestamp: they come back through
+# approval or re-registration, not through a heartbeat. A fresh VRAM reading
+# replaces the schedulers' soft reservation. Readings for unknown nodes match
+# no row and are simply not returned.
+WRITE = """
+    WITH hb AS (
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+                 AS t(id, available_vram, total_vram, available_ram, gpu_vendor)
+    )
+    UPDATE nodes n SET
+        last_heartbeat = now(),
+        available_vram = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
+                              THEN n.available_vram ELSE hb.available_vram END,
+        reserved_vram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
+                              THEN n.reserved_vram ELSE 0 END,
+        total_vram     = CASE WHEN n.status IN ('pending', 'offline') OR hb.total_vram IS NULL
+                              THEN n.total_vram ELSE hb.total_vram END,
+        available_ram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_ram IS NULL
+                              THEN n.available_ram ELSE hb.available_ram END,
+        gpu_vendor     = CASE WHEN n.status IN ('pending', 'offline')
+                                   OR COALESCE(hb.gpu_vendor, '') = ''
+                              THEN n.gpu_vendor ELSE hb.gpu_vendor END
+      FROM hb
+     WHERE n.id = hb.id
+    RETURNING n.id"""
+
+FIELDS = ("available_vram", "total_vram", "available_ram", "gpu_vendor")
+
+# Most readings one statement writes; more wait for the next one.
+MAX_BATCH = 5000
+
+
+@dataclass
+class Reading:
+    values: dict[str, Any]
+    waiters: list[asyncio.Future[bool]] = field(default_factory=list)
+
+    def merge(self, newer: dict[str, Any]) -> None:
+        for key, value in newer.items():
+            if value is not None:
+                self.values[key] = value
+
+
+class Heartbeats:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending: dict[str, Reading] = {}
+        self._wake = asyncio.Event()
+        self._failing: str | None = None
+        self.written = 0  # readings written, for the benchmark and the logs
+
+    def submit(self, node_id: str, values: dict[str, Any]) -> None:
+        """Queue a reading, to be written with the next batch."""
+        reading = self._pending.get(node_id)
+        if reading is None:
+            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
+        else:
+            reading.merge(values)
+        self._wake.set()
+
+    async def write(self, node_id: str, values: dict[str, Any], wait: float) -> bool:
+        """Queue a reading and wait until it is written: whether the node exists."""
+        self.submit(node_id, values)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[node_id].waiters.append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except TimeoutError:
+            raise Unavailable("database unavailable, retry later") from None
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        """The writer: a batch per statement, for as long as the daemon runs."""
+        delay = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                try:
+                    await self._flush_once()
+                    delay = 0.1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if classify(exc) is None:
+                        log.error("writing heartbeats failed", exc_info=exc)
+                    elif self._failing is None:
+                        log.warning(
+                            "database unreachable: %d heartbeat(s) kept to write when it "
+                            "returns (%s)",
+                            len(self._pending),
+                            exc or type(exc).__name__,
+                        )
+                    self._failing = str(exc) or type(exc).__name__
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+    async def _flush_once(self) -> None:
+        batch = dict(list(self._pending.items())[:MAX_BATCH])
+        for node_id in batch:
+            del self._pending[node_id]
+        try:
+            ids = list(batch)
+            rows = await self._db.fetch(
+                WRITE, ids, *([batch[i].values.get(f) for i in ids] for f in FIELDS)
+            )
+        except BaseException:
+            # Put them back under any newer reading that arrived meanwhile.
+            for node_id, reading in batch.items():
+                newer = self._pending.get(node_id)
+                if newer is not None:
+                    reading.merge(newer.values)
+                    reading.waiters.extend(newer.waiters)
+                self._pending[node_id] = reading
+            raise
+        if self._failing is not None:
+            log.info("database reachable again: heartbeats written")
+            self._failing = None
+        self.written += len(batch)
+        found = {r[0] for r in rows}
+        for node_id, reading in batch.items():
+            for waiter in reading.waiters:
+                if not waiter.done():
+                    waiter.set_result(node_id in found)
+
+    async def flush(self, wait: float) -> None:
+        """Write what is pending (at shutdown), giving up after `wait` seconds."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while self._pending and asyncio.get_running_loop().time() < deadline:
+            try:
+                await self._flush_once()
+            except Exception:
+                await asyncio.sleep(0.1)
+        if self._pending:
+            log.warning("%d heartbeat(s) not written at shutdown", len(self._pending))
