@@ -550,3 +550,33 @@ async def test_embedded_interrupted_while_starting(
     finally:
         for orphan in processes_using(state):  # only when the test failed
             orphan.terminate()
+
+
+async def test_json_logs_are_one_object_per_line_with_the_facts_as_fields(
+    spawn: Callable[..., Awaitable[Registryd]], daemon_env: dict[str, str], nats_url: str
+) -> None:
+    env = daemon_env | {"REGISTRY_LOG_FORMAT": "json"}
+    daemon = await spawn(env=env)
+    nc = await connect(nats_url)
+    client = Client(nc, env["REGISTRY_SUBJECT_PREFIX"])
+    try:
+
+        async def serving() -> bool | None:
+            try:
+                return await client.call("list") == [] or None
+            except Exception:
+                return None
+
+        await eventually(serving, "the daemon to serve")
+        node = await client.register("gpu-1")
+        await client.call("approve", node_id=node["id"])
+    finally:
+        await nc.close()
+    daemon.send(signal.SIGTERM)
+    assert await daemon.exit_code() == 0
+    lines = [orjson.loads(line) for line in daemon.output().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    approved = [line for line in lines if line.get("reason") == "approved"]
+    assert len(approved) == 1
+    assert approved[0]["node_id"] == node["id"] and approved[0]["status"] == "healthy"
+    assert approved[0]["previous_status"] == "pending"
