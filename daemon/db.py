@@ -25,6 +25,8 @@ log = logging.getLogger("registryd.db")
 # recognisable in pg_locks and unlikely to collide with another application.
 SCHEMA_LOCK_KEY = 0x7265676973747279
 
+DEADLOCK_RETRIES = 3
+
 # Errors that no retry will fix: wrong password, unknown database or role.
 _PERMANENT = (
     asyncpg.InvalidPasswordError,
@@ -61,21 +63,30 @@ class Database:
         async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
             yield conn
 
+    async def _one(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        # One statement is its own transaction: when PostgreSQL picks it as the
+        # victim of a deadlock (two daemons locking replica rows in different
+        # orders) nothing of it happened, so running it again is safe.
+        for attempt in range(1, DEADLOCK_RETRIES + 1):
+            try:
+                async with self.connection() as conn:
+                    return await getattr(conn, method)(sql, *args)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                log.info("deadlock victim, running the statement again (attempt %d)", attempt)
+
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection() as conn:
-            return await conn.fetch(sql, *args)
+        return await self._one("fetch", sql, args)  # type: ignore[no-any-return]
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        async with self.connection() as conn:
-            return await conn.fetchrow(sql, *args)
+        return await self._one("fetchrow", sql, args)  # type: ignore[no-any-return]
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        async with self.connection() as conn:
-            return await conn.fetchval(sql, *args)
+        return await self._one("fetchval", sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
-        async with self.connection() as conn:
-            return await conn.execute(sql, *args)
+        return await self._one("execute", sql, args)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         try:
@@ -104,6 +115,7 @@ async def connect(settings: Settings, *, wait: bool = True) -> Database:
                 # so a failover to a standby is picked up.
                 max_inactive_connection_lifetime=300,
                 init=_init_connection,
+                reset=_keep_session,
             )
             assert pool is not None
             try:
@@ -127,6 +139,13 @@ async def connect(settings: Settings, *, wait: bool = True) -> Database:
             log.warning("database not reachable (%s); retrying in %.1fs", _describe(exc), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: the daemon leaves no session state behind (no SET, no
+    LISTEN, advisory locks only per transaction). asyncpg's default reset query
+    would cost every request a second round trip to PostgreSQL; open
+    transactions are still ended by asyncpg before this is called."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -131,6 +131,11 @@ class RegistryEndpoint(Endpoint):
             await self._subscription.drain()
 
     async def _dispatch(self, msg: Msg) -> None:
+        if self._op.inline and not msg.reply:
+            # Published and quick (a heartbeat is queued, not written, here): a
+            # task each would cost more than the work, at thousands a second.
+            await self._serve(msg)
+            return
         await self._limiter.spawn(self._serve(msg), name=f"req:{self._op.name}")
 
     async def _serve(self, msg: Msg) -> None:

@@ -145,6 +145,9 @@ class Operation(Generic[M]):
     # published heartbeat) name the request field told whether one is wanted.
     reply_field: str | None = None
     description: str = ""
+    # Published requests of this operation are handled in the subscription's
+    # own callback: only for handlers that never wait on I/O when unanswered.
+    inline: bool = False
 
 
 class Group:
@@ -160,11 +163,13 @@ class Group:
         *,
         subject_field: str | None = None,
         reply_field: str | None = None,
+        inline: bool = False,
     ) -> Callable[[Handler[M]], Handler[M]]:
         def register(handler: Handler[M]) -> Handler[M]:
             doc = (handler.__doc__ or "").strip().splitlines()
+            description = doc[0] if doc else ""
             self.operations.append(
-                Operation(name, model, handler, subject_field, reply_field, doc[0] if doc else "")
+                Operation(name, model, handler, subject_field, reply_field, description, inline)
             )
             return handler
 

@@ -347,7 +347,9 @@ class HeartbeatRequest(Request):
     wants_reply: bool = False
 
 
-@group.op("heartbeat", HeartbeatRequest, subject_field="node_id", reply_field="wants_reply")
+@group.op(
+    "heartbeat", HeartbeatRequest, subject_field="node_id", reply_field="wants_reply", inline=True
+)
 async def heartbeat(ctx: Context, req: HeartbeatRequest) -> Any:
     """A worker's heartbeat on registry.heartbeat.<node_id>, with its free VRAM."""
     reading = req.model_dump(

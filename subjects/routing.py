@@ -95,11 +95,17 @@ CANDIDATES = """
 # Only the k best replicas can receive a pick, so only they are locked.
 # The seq-th pick of the batch takes the seq-th lease id.
 PICK_MANY = f"""
-    WITH cand AS (
-        SELECT r.id, r.in_flight, r.last_used, n.available_vram
-          FROM {CANDIDATES}
+    WITH best AS (
+        SELECT r.id FROM {CANDIDATES}
          ORDER BY r.in_flight, r.last_used, n.available_vram DESC, r.id
          LIMIT $3
+    ),
+    cand AS (
+        -- Locked in id order, so two daemons placing picks of one model never
+        -- wait for each other in a circle; rechecked once locked.
+        SELECT r.id, r.in_flight, r.last_used, n.available_vram
+          FROM {CANDIDATES} AND r.id IN (SELECT id FROM best)
+         ORDER BY r.id
            FOR UPDATE OF r
     ),
     slot AS (
@@ -201,13 +207,21 @@ class Batches:
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         waiter = Waiter(future, lease_s)
         queue = self._waiting.get(key)
-        if queue is None:
-            self._waiting[key] = [waiter]
-            runner = asyncio.create_task(self._run(key), name=f"findlock:{model}")
-            self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
-        else:
-            queue.append(waiter)
+        if queue is not None:
+            queue.append(waiter)  # a pick is under way: ours goes in the next batch
+            return await future
+        # Nothing under way: place ours now, in this task (no hand-over to
+        # wait for), and leave whoever arrives meanwhile to a runner.
+        self._waiting[key] = [waiter]
+        try:
+            await self._place(key)
+        finally:
+            if self._waiting[key]:
+                runner = asyncio.create_task(self._run(key), name=f"findlock:{model}")
+                self._runners.add(runner)
+                runner.add_done_callback(self._runners.discard)
+            else:
+                del self._waiting[key]
         return await future
 
     async def _run(self, key: Key) -> None:
@@ -215,27 +229,32 @@ class Batches:
         queue = self._waiting[key]
         try:
             while queue:
-                batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
-                lease_ids, lease_s = lease_arrays(batch)
-                try:
-                    rows = await self._db.fetch(
-                        PICK_MANY, key[0], list(key[1]), len(batch), lease_ids, lease_s
-                    )
-                except BaseException as exc:
-                    for waiter in batch:
-                        if not waiter.future.done():
-                            waiter.future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for waiter, row in zip(batch, [*rows, *[None] * len(batch)], strict=False):
-                    if not waiter.future.done():
-                        waiter.future.set_result(None if row is None else reply(row))
+                await self._place(key)
         finally:
             del self._waiting[key]
             for waiter in queue:
                 if not waiter.future.done():
                     waiter.future.cancel()
+
+    async def _place(self, key: Key) -> None:
+        """One statement for the picks waiting on `key` (up to MAX_BATCH)."""
+        queue = self._waiting[key]
+        batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+        lease_ids, lease_s = lease_arrays(batch)
+        try:
+            rows = await self._db.fetch(
+                PICK_MANY, key[0], list(key[1]), len(batch), lease_ids, lease_s
+            )
+        except BaseException as exc:
+            for waiter in batch:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+            if isinstance(exc, Exception):
+                return
+            raise
+        for waiter, row in zip(batch, [*rows, *[None] * len(batch)], strict=False):
+            if not waiter.future.done():
+                waiter.future.set_result(None if row is None else reply(row))
 
 
 @group.op("findlock", FindLockRequest)

@@ -1,0 +1,417 @@
+"""registryd's benchmark: every figure against a baseline measured in the same run.
+
+    .venv/bin/python -m tests.bench            # about two minutes
+    .venv/bin/python -m tests.bench --quick    # shorter runs, rougher figures
+
+It starts a throwaway PostgreSQL and nats-server (or uses REGISTRY_TEST_DATABASE_URL
+and REGISTRY_TEST_NATS_URL), runs one registryd as a separate process on them,
+seeds a cluster, and prints a table. Everything runs on loopback and stops by
+itself. Baselines, sent straight to PostgreSQL with asyncpg from this process:
+
+  A  LocalAI's own approach: one transaction per pick (SELECT … FOR UPDATE of
+     the best replica, UPDATE of its counter, SELECT of its node), then a
+     separate decrement: what FindAndLockNodeWithModel + DecrementInFlight do.
+  B  the best single statement per pick (one UPDATE … RETURNING), then the
+     decrement: the floor for any service in front of the database.
+  H  one UPDATE per heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import orjson
+import psutil
+
+from daemon import db as dbmod
+from daemon import embedded
+from tests.conftest import with_database
+
+PICK_A_SELECT = """
+    SELECT r.id, r.node_id FROM replicas r JOIN nodes n ON n.id = r.node_id
+     WHERE r.model_name = $1 AND r.state = 'loaded' AND n.status = 'healthy'
+     ORDER BY r.in_flight, r.last_used, n.available_vram DESC
+     LIMIT 1 FOR UPDATE OF r"""
+PICK_A_UPDATE = "UPDATE replicas SET in_flight = in_flight + 1, last_used = now() WHERE id = $1"
+PICK_A_NODE = "SELECT * FROM nodes WHERE id = $1 AND status = 'healthy'"
+DEC = "UPDATE replicas SET in_flight = in_flight - 1 WHERE id = $1 AND in_flight > 0"
+PICK_B = """
+    WITH pick AS (
+        SELECT r.id FROM replicas r JOIN nodes n ON n.id = r.node_id
+         WHERE r.model_name = $1 AND r.state = 'loaded' AND n.status = 'healthy'
+         ORDER BY r.in_flight, r.last_used, n.available_vram DESC
+         LIMIT 1 FOR UPDATE OF r SKIP LOCKED)
+    UPDATE replicas r SET in_flight = in_flight + 1, last_used = now()
+      FROM pick WHERE r.id = pick.id
+    RETURNING r.*, (SELECT row_to_json(n) FROM nodes n WHERE n.id = r.node_id)"""
+HEARTBEAT_ONE = """
+    UPDATE nodes SET last_heartbeat = now(), available_vram = $2, reserved_vram = 0
+     WHERE id = $1 AND status NOT IN ('pending', 'offline')"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+
+    def report(self, what: str, value: str, baseline: str, ratio: str) -> None:
+        self.rows.append((what, value, baseline, ratio))
+        print(f"  {what}: {value}  (baseline {baseline}; {ratio})", flush=True)
+
+    # ------------------------------------------------------------ set-up
+
+    async def setup(self, workdir: Path) -> None:
+        pg_url = os.environ.get("REGISTRY_TEST_DATABASE_URL")
+        nats_url = os.environ.get("REGISTRY_TEST_NATS_URL")
+        self.servers: list[Any] = []
+        if not pg_url:
+            pg = embedded.start_postgres(workdir / "postgres")
+            self.servers.append(pg)
+            pg_url = pg.url
+        if not nats_url:
+            ns = embedded.start_nats(workdir / "nats")
+            self.servers.append(ns)
+            nats_url = ns.url
+        self.dbname = f"registryd_bench_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f'CREATE DATABASE "{self.dbname}"')
+        await admin.close()
+        self.admin_url = pg_url
+        self.db_url = with_database(pg_url, self.dbname)
+        self.nats_url = nats_url
+        conn = await asyncpg.connect(self.db_url)
+        await dbmod.migrate(conn)
+        await conn.close()
+        self.pool = await asyncpg.create_pool(self.db_url, min_size=4, max_size=64)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        env |= {
+            "REGISTRY_NATS_URL": nats_url,
+            "REGISTRY_DATABASE_URL": self.db_url,
+            "REGISTRY_SUBJECT_PREFIX": self.prefix,
+            "REGISTRY_STREAM": f"BENCH_{self.prefix}",
+            "REGISTRY_AUTO_APPROVE": "true",
+            "REGISTRY_LOG_LEVEL": "warning",
+            "REGISTRY_STALE_AFTER": "3600",
+        }
+        self.log = (workdir / "registryd.log").open("wb")
+        self.daemon = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "daemon",
+            env=env,
+            stdout=self.log,
+            stderr=self.log,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        self.nc = await nats.connect(nats_url, pending_size=256 * 1024 * 1024)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.call("list", limit=1)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def teardown(self) -> None:
+        self.daemon.terminate()
+        await self.daemon.wait()
+        await self.nc.close()
+        await self.pool.close()
+        admin = await asyncpg.connect(self.admin_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        await admin.close()
+        for server in self.servers:
+            server.stop()
+
+    async def call(self, op: str, **body: Any) -> Any:
+        msg = await self.nc.request(f"{self.prefix}.{op}", orjson.dumps(body), timeout=30)
+        if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+            raise RuntimeError(msg.data.decode())
+        return orjson.loads(msg.data)
+
+    # ------------------------------------------------------------ seeding
+
+    async def seed(self, nodes: int, models: int, replicas_per_model: int, prefix: str) -> None:
+        """Nodes, and loaded replicas of `models` models spread over them, in bulk."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO nodes (name, address, status, available_vram, total_vram)
+                   SELECT $1 || g, 'a:1', 'healthy', 1 << 34, 1 << 35
+                     FROM generate_series(1, $2) g""",
+                f"{prefix}-",
+                nodes,
+            )
+            await conn.execute(
+                """INSERT INTO replicas (node_id, model_name, replica_index, state)
+                   SELECT n.id, $1 || m, 0, 'loaded'
+                     FROM generate_series(1, $2) m,
+                          LATERAL (SELECT id FROM nodes WHERE name LIKE $1 || '-%'
+                                   ORDER BY md5(name || m) LIMIT $3) n""",
+                prefix,
+                models,
+                replicas_per_model,
+            )
+            await conn.execute("ANALYZE")
+
+    async def reset_counters(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute("UPDATE replicas SET in_flight = 0 WHERE in_flight <> 0")
+
+    # ------------------------------------------------------------ drivers
+
+    async def run_pairs(
+        self,
+        pair: Callable[[str], Awaitable[None]],
+        models: list[str],
+        routers: int,
+        seconds: float,
+    ) -> tuple[float, list[float]]:
+        """Pairs per second and each pair's latency, `routers` at a time."""
+        latencies: list[float] = []
+        stop = time.monotonic() + seconds
+        rng = random.Random(1)
+
+        async def router() -> None:
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                await pair(rng.choice(models))
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(router() for _ in range(routers)))
+        return len(latencies) / (time.monotonic() - started), latencies
+
+    async def pair_a(self, model: str) -> None:
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(PICK_A_SELECT, model)
+                await conn.execute(PICK_A_UPDATE, row["id"])
+                await conn.fetchrow(PICK_A_NODE, row["node_id"])
+        async with self.pool.acquire() as conn:
+            await conn.execute(DEC, row["id"])
+
+    async def pair_b(self, model: str) -> None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(PICK_B, model)
+            await conn.execute(DEC, row["id"])
+
+    async def pair_daemon(self, model: str) -> None:
+        got = await self.call("findlock", model=model)
+        replica = got["replica"]
+        await self.call(
+            "inflight_dec",
+            node_id=replica["node_id"],
+            model=model,
+            replica_index=replica["replica_index"],
+        )
+
+    # ------------------------------------------------------------ the sections
+
+    async def findlock(self) -> None:
+        seconds = self.args.seconds
+        print("findlock + inflight_dec pairs", flush=True)
+        await self.seed(200, 1, 4, "one")
+        await self.seed(400, 200, 2, "many")
+        one = ["one1"]
+        many = [f"many{m}" for m in range(1, 201)]
+        for label, models in (("4 replicas of one model", one), ("200 models", many)):
+            await self.reset_counters()
+            a64, _ = await self.run_pairs(self.pair_a, models, 64, seconds)
+            await self.reset_counters()
+            d64, _ = await self.run_pairs(self.pair_daemon, models, 64, seconds)
+            self.report(
+                f"64 routers, {label}",
+                f"{d64:,.0f} pairs/s",
+                f"A {a64:,.0f} pairs/s",
+                f"{d64 / a64:.2f}x A (target >= 1.5x)",
+            )
+            await self.reset_counters()
+            _, lat_b = await self.run_pairs(self.pair_b, models, 1, seconds)
+            await self.reset_counters()
+            _, lat_d = await self.run_pairs(self.pair_daemon, models, 1, seconds)
+            p50_b, p50_d = statistics.median(lat_b), statistics.median(lat_d)
+            self.report(
+                f"1 router, {label}, p50",
+                f"{p50_d * 1e3:.3f} ms",
+                f"B {p50_b * 1e3:.3f} ms",
+                f"{p50_d / p50_b:.2f}x B (target <= 1.5x)",
+            )
+
+    async def heartbeats(self) -> None:
+        print("heartbeats", flush=True)
+        count = self.args.nodes
+        await self.seed(count, 0, 0, "hb")
+        async with self.pool.acquire() as conn:
+            ids = [r[0] for r in await conn.fetch("SELECT id FROM nodes WHERE name LIKE 'hb-%'")]
+        seconds = self.args.seconds
+        # Baseline H: one UPDATE per heartbeat, 64 at a time.
+        done = 0
+        stop = time.monotonic() + seconds
+
+        async def writer(offset: int) -> None:
+            nonlocal done
+            i = offset
+            while time.monotonic() < stop:
+                async with self.pool.acquire() as conn:
+                    await conn.execute(HEARTBEAT_ONE, ids[i % len(ids)], i)
+                done += 1
+                i += 64
+
+        started = time.monotonic()
+        await asyncio.gather(*(writer(k) for k in range(64)))
+        base = done / (time.monotonic() - started)
+        # The daemon: publish as fast as this process can, for as long; the
+        # daemon's own statistics say how many it took in, and by when.
+        before = await self.heartbeat_count()
+        sent = 0
+        started = time.monotonic()
+        stop = started + seconds
+        while time.monotonic() < stop:
+            for node_id in ids:
+                await self.nc.publish(
+                    f"{self.prefix}.heartbeat.{node_id}", orjson.dumps({"available_vram": sent})
+                )
+                sent += 1
+            await self.nc.flush()
+        taken, last_change = before, time.monotonic()
+        while time.monotonic() - last_change < 1.0:
+            now_taken = await self.heartbeat_count()
+            if now_taken != taken:
+                taken, last_change = now_taken, time.monotonic()
+            if taken - before >= sent:
+                break
+            await asyncio.sleep(0.1)
+        absorbed = (taken - before) / (last_change - started)
+        self.report(
+            f"heartbeats from {count:,} nodes",
+            f"{absorbed:,.0f}/s taken in",
+            f"H {base:,.0f}/s",
+            f"{absorbed / base:.1f}x H (targets >= 10,000/s and >= 3x); "
+            f"{sent - (taken - before):,} of {sent:,} dropped by NATS as too many",
+        )
+        # Then one last, known reading per node: how soon are all of them written?
+        marker = 1 << 40
+        for node_id in ids:
+            await self.nc.publish(
+                f"{self.prefix}.heartbeat.{node_id}", orjson.dumps({"available_vram": marker})
+            )
+        await self.nc.flush()
+        published = time.monotonic()
+        while True:
+            async with self.pool.acquire() as conn:
+                behind = await conn.fetchval(
+                    "SELECT count(*) FROM nodes WHERE name LIKE 'hb-%' AND available_vram <> $1",
+                    marker,
+                )
+            if behind == 0 or time.monotonic() - published > 30:
+                break
+            await asyncio.sleep(0.01)
+        lag = time.monotonic() - published
+        self.report(
+            f"a reading from each of {count:,} nodes, all in the database",
+            f"{lag:.2f} s after publishing",
+            "-",
+            f"{behind} not written (target: all within 1 s)",
+        )
+
+    async def heartbeat_count(self) -> int:
+        msg = await self.nc.request("$SRV.STATS.registry", b"", timeout=5)
+        stats = orjson.loads(msg.data)
+        return sum(e["num_requests"] for e in stats["endpoints"] if e["name"] == "heartbeat")
+
+    async def scale(self) -> None:
+        print("scale", flush=True)
+        models = ["one1"]
+        await self.reset_counters()
+        _, small = await self.run_pairs(self.pair_daemon, models, 1, self.args.seconds)
+        async with self.pool.acquire() as conn:
+            have_nodes = await conn.fetchval("SELECT count(*) FROM nodes")
+            have_rows = await conn.fetchval("SELECT count(*) FROM replicas")
+        grow_nodes = max(0, self.args.nodes - have_nodes)
+        await self.seed(grow_nodes, 0, 0, "big")
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO replicas (node_id, model_name, replica_index, state)
+                   SELECT id, 'filler' || g, 0, 'loaded'
+                     FROM nodes, generate_series(1, $1) AS g""",
+                max(1, (self.args.replicas - have_rows) // max(1, self.args.nodes)),
+            )
+            rows = await conn.fetchval("SELECT count(*) FROM replicas")
+            nodes = await conn.fetchval("SELECT count(*) FROM nodes")
+            await conn.execute("ANALYZE")
+        await self.reset_counters()
+        _, big = await self.run_pairs(self.pair_daemon, models, 1, self.args.seconds)
+        p_small, p_big = statistics.median(small), statistics.median(big)
+        self.report(
+            f"findlock p50 with {nodes:,} nodes, {rows:,} rows",
+            f"{p_big * 1e3:.3f} ms",
+            f"{p_small * 1e3:.3f} ms with {have_rows:,} rows",
+            f"{p_big / p_small:.2f}x (target <= 1.3x)",
+        )
+        started = time.monotonic()
+        after, pages, listed = None, 0, 0
+        while True:
+            body: dict[str, Any] = {"extras": True, "limit": 1000}
+            if after:
+                body["after"] = after
+            msg = await self.nc.request(f"{self.prefix}.list", orjson.dumps(body), timeout=30)
+            listed += len(orjson.loads(msg.data))
+            pages += 1
+            after = (msg.headers or {}).get("Registry-Next")
+            if not after:
+                break
+        took = time.monotonic() - started
+        self.report(
+            f"list with extras of all {listed:,} nodes",
+            f"{took:.2f} s in {pages} pages",
+            "-",
+            "target < 1 s",
+        )
+        rss = psutil.Process(self.daemon.pid).memory_info().rss / 2**20
+        self.report("daemon resident memory", f"{rss:.0f} MB", "-", "target < 200 MB")
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (rough figures)")
+    parser.add_argument("--seconds", type=float, default=None, help="length of each run")
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--replicas", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 2.0 if args.quick else 8.0
+    bench = Bench(args)
+    with tempfile.TemporaryDirectory(prefix="registryd-bench-") as workdir:
+        await bench.setup(Path(workdir))
+        try:
+            await bench.findlock()
+            await bench.heartbeats()
+            await bench.scale()
+        finally:
+            await bench.teardown()
+    print()
+    print("| measured | registryd | baseline (same run) | ratio |")
+    print("|---|---|---|---|")
+    for row in bench.rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
