@@ -52,7 +52,7 @@ class Settings(BaseModel):
     nats_tls_key: Path | None = None
     # PostgreSQL
     database_url: SecretStr = SecretStr("postgresql:///registry")
-    db_pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    db_pool_size: Annotated[int, Field(ge=1, le=1000)] = 20
     db_timeout: Seconds = 5.0
     # The service
     subject_prefix: str = "registry"

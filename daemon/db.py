@@ -55,8 +55,14 @@ class Database:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self.pool.acquire(timeout=self.timeout) as conn:
+        # asyncio.timeout rather than acquire(timeout=): on Python 3.11 the
+        # latter is wait_for, a new task for every request.
+        async with asyncio.timeout(self.timeout):
+            conn = await self.pool.acquire()
+        try:
             yield conn
+        finally:
+            await self.pool.release(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -26,7 +26,6 @@ deadlocking.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
+from daemon.batching import Coalescer
 from daemon.db import Database
 from daemon.errors import BadRequest, NotFound
 from subjects.base import (
@@ -87,33 +87,48 @@ CANDIDATES = """
      WHERE r.model_name = $1 AND r.state = 'loaded' AND n.status = 'healthy'
        AND (cardinality($2::text[]) = 0 OR r.node_id = ANY($2::text[]))"""
 
-# $1 model, $2 node_ids, $3 how many picks (k), $4/$5 per pick its lease id
-# and duration (NULL elements, or NULL arrays, for picks without a lease).
+# Several picks at once, of one model or of many. $1 the model of each pick,
+# $2 node_ids, $3/$4 each pick's lease id and duration (NULL: no lease).
 # Slot j of a replica is its (j+1)-th pick in this batch, at load in_flight + j;
-# taking the k lowest slots is what k picks one after the other would do (a
-# replica just picked is the most recently used, hence `j` before last_used).
-# Only the k best replicas can receive a pick, so only they are locked.
-# The seq-th pick of the batch takes the seq-th lease id.
-PICK_MANY = f"""
-    WITH best AS (
-        SELECT r.id FROM {CANDIDATES}
-         ORDER BY r.in_flight, r.last_used, n.available_vram DESC, r.id
-         LIMIT $3
+# taking each model's k lowest slots is what k picks one after the other would
+# do (a replica just picked is the most recently used, hence `j` before
+# last_used). Only a model's k best replicas can receive a pick, so only they
+# are locked, in id order: two daemons never wait for each other in a circle.
+PICK_BATCH = f"""
+    WITH item AS (
+        SELECT t.ord, t.model, t.lease_id, t.lease_s,
+               row_number() OVER (PARTITION BY t.model ORDER BY t.ord) AS seq
+          FROM unnest($1::text[], $3::text[], $4::float8[])
+               WITH ORDINALITY AS t(model, lease_id, lease_s, ord)
+    ),
+    want AS (SELECT model, count(*)::int AS k FROM item GROUP BY model),
+    best AS (
+        SELECT b.id FROM want w CROSS JOIN LATERAL (
+            SELECT r.id FROM replicas r JOIN nodes n ON n.id = r.node_id
+             WHERE r.model_name = w.model AND r.state = 'loaded' AND n.status = 'healthy'
+               AND (cardinality($2::text[]) = 0 OR r.node_id = ANY($2::text[]))
+             ORDER BY r.in_flight, r.last_used, n.available_vram DESC, r.id
+             LIMIT w.k
+        ) AS b
     ),
     cand AS (
-        -- Locked in id order, so two daemons placing picks of one model never
-        -- wait for each other in a circle; rechecked once locked.
-        SELECT r.id, r.in_flight, r.last_used, n.available_vram
-          FROM {CANDIDATES} AND r.id IN (SELECT id FROM best)
+        SELECT r.id, r.model_name, r.in_flight, r.last_used, n.available_vram
+          FROM replicas r JOIN nodes n ON n.id = r.node_id
+         WHERE r.id IN (SELECT id FROM best) AND r.state = 'loaded' AND n.status = 'healthy'
          ORDER BY r.id
            FOR UPDATE OF r
     ),
     slot AS (
-        SELECT c.id, j, row_number() OVER (
+        SELECT c.id, c.model_name, j, row_number() OVER (
+                   PARTITION BY c.model_name
                    ORDER BY c.in_flight + j, j, c.last_used, c.available_vram DESC, c.id) AS seq
-          FROM cand c, generate_series(0, $3 - 1) AS j
+          FROM cand c JOIN want w ON w.model = c.model_name
+         CROSS JOIN LATERAL generate_series(0, w.k - 1) AS j
     ),
-    chosen AS (SELECT id, j, seq FROM slot WHERE seq <= $3),
+    chosen AS (
+        SELECT s.id, s.j, i.ord, i.lease_id, i.lease_s
+          FROM slot s JOIN item i ON i.model = s.model_name AND i.seq = s.seq
+    ),
     picks AS (SELECT id, count(*)::int AS n FROM chosen GROUP BY id),
     up AS (
         UPDATE replicas r SET in_flight = r.in_flight + picks.n, last_used = now()
@@ -122,14 +137,14 @@ PICK_MANY = f"""
     ),
     leased AS (
         INSERT INTO leases (id, replica_id, node_id, model_name, replica_index, expires_at)
-        SELECT ($4::text[])[chosen.seq::int], up.id, up.node_id, up.model_name,
-               up.replica_index, now() + make_interval(secs => ($5::float8[])[chosen.seq::int])
+        SELECT chosen.lease_id, up.id, up.node_id, up.model_name, up.replica_index,
+               now() + make_interval(secs => chosen.lease_s)
           FROM chosen JOIN up ON up.id = chosen.id
-         WHERE ($4::text[])[chosen.seq::int] IS NOT NULL
+         WHERE chosen.lease_id IS NOT NULL
     )
-    SELECT {UP_REPLICA}, up.picks, chosen.j, ($4::text[])[chosen.seq::int] AS lease_id, {NODE_AS}
+    SELECT chosen.ord, {UP_REPLICA}, up.picks, chosen.j, chosen.lease_id, {NODE_AS}
       FROM chosen JOIN up ON up.id = chosen.id JOIN nodes n ON n.id = up.node_id
-     ORDER BY chosen.seq"""
+     ORDER BY chosen.ord"""
 
 # $1 model, $2 node_ids, $3/$4 the preferred (node, replica): that exact
 # replica if it is a candidate, else the default order; $5/$6 the lease id
@@ -164,6 +179,7 @@ def reply(row: Any) -> dict[str, Any]:
     out = record(row)
     assert out is not None
     node = {k.removeprefix("node__"): out.pop(k) for k in list(out) if k.startswith("node__")}
+    out.pop("ord", None)
     picks, j, lease_id = out.pop("picks"), out.pop("j"), out.pop("lease_id")
     out["in_flight"] += j + 1 - picks
     if lease_id is not None:
@@ -171,98 +187,62 @@ def reply(row: Any) -> dict[str, Any]:
     return {"node": node, "replica": out}
 
 
-Key = tuple[str, tuple[str, ...]]
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """One findlock request in a batch."""
 
-
-@dataclass(slots=True)
-class Waiter:
-    """One findlock request in a batch: its future and the lease it wants."""
-
-    future: asyncio.Future[dict[str, Any] | None]
+    model: str
     lease_s: float | None
 
 
-def lease_arrays(batch: Sequence[Waiter]) -> tuple[list[str | None] | None, list[Any] | None]:
-    """PICK_MANY's per-pick lease ids and durations; NULLs when nobody wants one."""
-    if all(w.lease_s is None for w in batch):
-        return None, None
-    ids = [None if w.lease_s is None else new_lease_id() for w in batch]
-    return ids, [w.lease_s for w in batch]
-
-
-class Batches:
-    """Per (model, node_ids): requests waiting for the pick under way to finish.
-
-    Picks with and without a lease share a batch: each pick carries its own."""
+class Picks:
+    """findlock's batches: one per node_ids set, picks of any models in each."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._waiting: dict[Key, list[Waiter]] = {}
-        self._runners: set[asyncio.Task[None]] = set()
+        self._by_nodes: dict[tuple[str, ...], Coalescer[Pick, dict[str, Any] | None]] = {}
 
     async def pick(
-        self, model: str, node_ids: Sequence[str], lease_s: float | None = None
+        self, model: str, node_ids: Sequence[str], lease_s: float | None
     ) -> dict[str, Any] | None:
-        key = (model, tuple(sorted(set(node_ids))))
-        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(future, lease_s)
-        queue = self._waiting.get(key)
-        if queue is not None:
-            queue.append(waiter)  # a pick is under way: ours goes in the next batch
-            return await future
-        # Nothing under way: place ours now, in this task (no hand-over to
-        # wait for), and leave whoever arrives meanwhile to a runner.
-        self._waiting[key] = [waiter]
-        try:
-            await self._place(key)
-        finally:
-            if self._waiting[key]:
-                runner = asyncio.create_task(self._run(key), name=f"findlock:{model}")
-                self._runners.add(runner)
-                runner.add_done_callback(self._runners.discard)
-            else:
-                del self._waiting[key]
-        return await future
-
-    async def _run(self, key: Key) -> None:
-        """Place waiting picks, a batch per statement, until nobody waits."""
-        queue = self._waiting[key]
-        try:
-            while queue:
-                await self._place(key)
-        finally:
-            del self._waiting[key]
-            for waiter in queue:
-                if not waiter.future.done():
-                    waiter.future.cancel()
-
-    async def _place(self, key: Key) -> None:
-        """One statement for the picks waiting on `key` (up to MAX_BATCH)."""
-        queue = self._waiting[key]
-        batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
-        lease_ids, lease_s = lease_arrays(batch)
-        try:
-            rows = await self._db.fetch(
-                PICK_MANY, key[0], list(key[1]), len(batch), lease_ids, lease_s
+        key = tuple(sorted(set(node_ids)))
+        batch = self._by_nodes.get(key)
+        if batch is None:
+            batch = self._by_nodes[key] = Coalescer(
+                lambda picks: self._place(list(key), picks), name="findlock", max_batch=MAX_BATCH
             )
-        except BaseException as exc:
-            for waiter in batch:
-                if not waiter.future.done():
-                    waiter.future.set_exception(exc)
-            if isinstance(exc, Exception):
-                return
-            raise
-        for waiter, row in zip(batch, [*rows, *[None] * len(batch)], strict=False):
-            if not waiter.future.done():
-                waiter.future.set_result(None if row is None else reply(row))
+        return await batch.submit(Pick(model, lease_s))
+
+    async def _place(self, node_ids: list[str], picks: list[Pick]) -> list[dict[str, Any] | None]:
+        lease_ids = [None if p.lease_s is None else new_lease_id() for p in picks]
+        if len(picks) == 1:
+            # Alone: the one-pick statement, which PostgreSQL plans in a
+            # fraction of the time the batch statement takes.
+            row = await self._db.fetchrow(
+                PICK_PREFERRED,
+                picks[0].model,
+                node_ids,
+                None,
+                None,
+                lease_ids[0],
+                picks[0].lease_s,
+            )
+            return [None if row is None else reply(row)]
+        rows = await self._db.fetch(
+            PICK_BATCH, [p.model for p in picks], node_ids, lease_ids, [p.lease_s for p in picks]
+        )
+        placed: list[dict[str, Any] | None] = [None] * len(picks)
+        for row in rows:
+            placed[row["ord"] - 1] = reply(row)
+        return placed
 
 
 @group.op("findlock", FindLockRequest)
 async def findlock(ctx: Context, req: FindLockRequest) -> Any:
     """Pick the best loaded replica of a model and count one request in flight on it."""
     if req.prefer is None:
-        batches = ctx.state.setdefault("findlock", Batches(ctx.db))
-        picked = await batches.pick(req.model, req.node_ids, req.lease_s)
+        picks = ctx.state.get("findlock") or ctx.state.setdefault("findlock", Picks(ctx.db))
+        picked = await picks.pick(req.model, req.node_ids, req.lease_s)
     else:
         row = await ctx.db.fetchrow(
             PICK_PREFERRED,
@@ -286,9 +266,30 @@ INFLIGHT_INC = """
 
 # Guarded by in_flight > 0: a second decrement of the same request cannot
 # drive the counter negative (the schema's check would refuse it anyway).
+# Decrements that arrive together, as one statement: per replica the count of
+# requests that ended, never below zero; rows locked in id order (see PICK_BATCH).
 INFLIGHT_DEC = """
-    UPDATE replicas SET in_flight = in_flight - 1
-     WHERE node_id = $1 AND model_name = $2 AND replica_index = $3 AND in_flight > 0"""
+    WITH ended AS (
+        SELECT node_id, model, idx, count(*)::int AS n
+          FROM unnest($1::text[], $2::text[], $3::int[]) AS t(node_id, model, idx)
+         GROUP BY node_id, model, idx
+    ),
+    locked AS (
+        SELECT r.id, ended.n FROM replicas r
+          JOIN ended ON r.node_id = ended.node_id AND r.model_name = ended.model
+                    AND r.replica_index = ended.idx
+         WHERE r.in_flight > 0
+         ORDER BY r.id
+           FOR UPDATE OF r
+    )
+    UPDATE replicas r SET in_flight = GREATEST(r.in_flight - locked.n, 0)
+      FROM locked WHERE r.id = locked.id"""
+
+
+async def decrement(db: Database, ended: list[tuple[str, str, int]]) -> list[None]:
+    nodes, models, indexes = (list(column) for column in zip(*ended, strict=True))
+    await db.execute(INFLIGHT_DEC, nodes, models, indexes)
+    return [None] * len(ended)
 
 
 @group.op("inflight_inc", ReplicaRef)
@@ -341,7 +342,11 @@ async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
         )
     if req.model is None:
         raise BadRequest("missing required field 'model'")
-    await ctx.db.execute(INFLIGHT_DEC, req.node_id, req.model, req.replica_index)
+    ended = ctx.state.get("inflight_dec") or ctx.state.setdefault(
+        "inflight_dec",
+        Coalescer(lambda batch: decrement(ctx.db, batch), name="inflight_dec", max_batch=1024),
+    )
+    await ended.submit((req.node_id, req.model, req.replica_index))
     return OK
 
 
