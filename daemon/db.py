@@ -122,6 +122,12 @@ async def connect(settings: Settings, *, wait: bool = True) -> Database:
                 max_inactive_connection_lifetime=300,
                 init=_init_connection,
                 reset=_keep_session,
+                # Each statement is prepared once and run thousands of times.
+                # Planning it anew for each run (PostgreSQL's custom plans)
+                # costs more than running it, and more as tables grow: the
+                # one-pick findlock took 0.45 ms at 100,000 replica rows with
+                # custom plans, 0.26 ms with its generic plan.
+                server_settings={"plan_cache_mode": "force_generic_plan"},
             )
             assert pool is not None
             try:
