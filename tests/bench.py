@@ -1,6 +1,6 @@
 """registryd's benchmark: every figure against a baseline measured in the same run.
 
-    .venv/bin/python -m tests.bench            # about two minutes
+    .venv/bin/python -m tests.bench            # a few minutes
     .venv/bin/python -m tests.bench --quick    # shorter runs, rougher figures
 
 It starts a throwaway PostgreSQL and nats-server (or uses REGISTRY_TEST_DATABASE_URL
