@@ -157,3 +157,20 @@ def test_env_file_active_lines_are_valid_settings() -> None:
     active = {name: value for commented, name, value in env_entries() if not commented}
     settings = config.load(active)
     assert not settings.embedded
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_unit_exposure_rates_ok() -> None:
+    """`systemd-analyze security` rates the unit's sandbox "OK" or better (<= 2.0)."""
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(
+        r"Overall exposure level for registryd\.service: ([0-9.]+) (\w+)", done.stdout
+    )
+    assert match, done.stdout + done.stderr
+    assert float(match.group(1)) <= 2.0, done.stdout
