@@ -186,8 +186,13 @@ REGISTRYD = [sys.executable, "-m", "daemon"]
 
 
 @pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registryd]]]:
-    """Start registryd subprocesses; any still running at the end are stopped."""
+async def spawn(
+    tmp_path: Path, database_url: str, nats_url: str
+) -> AsyncIterator[Callable[..., Awaitable[Registryd]]]:
+    """Start registryd subprocesses; any still running at the end are stopped.
+
+    It asks for the test's database and NATS so that pytest stops the daemons
+    before it drops them (teardown runs in reverse order of set-up)."""
     started: list[Registryd] = []
 
     async def start(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> Registryd:

@@ -1,0 +1,284 @@
+"""registryd against a nats-server that demands authentication: user and
+password, token, NKey (seed file and seed string) and TLS with client
+certificates. Each test starts its own nats-server (JetStream, loopback, a free
+port) configured that way, a registryd subprocess with the matching
+REGISTRY_NATS_* settings, and a client that authenticates the same way.
+
+The daemon runs at debug level, and no secret may show in its output nor in
+its `$SRV.INFO` reply. The credentials-file (JWT) mode is not covered here: it
+needs an operator, an account and a user JWT signed in a chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import nats
+import nkeys
+import pytest
+from nats.aio.client import Client as NATS
+
+from daemon import embedded
+from tests.support import Client, Registryd
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def nats_with(tmp_path: Path) -> Iterator[Callable[[str], embedded.NatsServer]]:
+    """Start nats-servers of this test with a config file; all stopped after it."""
+    started: list[embedded.NatsServer] = []
+
+    def start(config: str) -> embedded.NatsServer:
+        directory = tmp_path / f"nats-{len(started)}"
+        directory.mkdir()
+        conf = directory / "nats.conf"
+        conf.write_text(config)
+        # -c goes with start_nats's own flags: loopback, a free port, JetStream.
+        server = embedded.start_nats(directory, extra_args=["-c", str(conf)])
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
+    """Poll `check` until it returns something other than None, or fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def serves(
+    daemon: Registryd, prefix: str, url: str, secret_texts: list[str], **auth: Any
+) -> None:
+    """The daemon serves `list` and `register` to a client authenticating with
+    `auth`, and none of `secret_texts` shows in its output or $SRV.INFO reply."""
+    nc: NATS = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **auth)
+    try:
+        client = Client(nc, prefix)
+
+        async def listed() -> list[Any] | None:
+            daemon.assert_running()
+            try:
+                return await client.call("list")
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                return None
+
+        assert await eventually(listed, "the daemon to serve") == []
+        node = await client.register("gpu-1")
+        assert node["name"] == "gpu-1"
+        assert [n["id"] for n in await client.call("list")] == [node["id"]]
+
+        info = await nc.request("$SRV.INFO.registry", b"", timeout=10)
+        assert prefix.encode() in info.data
+        daemon.assert_running()
+        for secret in secret_texts:
+            assert secret.encode() not in info.data, info.data
+    finally:
+        await nc.close()
+    # It drains and stops cleanly over the authenticated connection too.
+    daemon.send(signal.SIGTERM)
+    assert await daemon.exit_code() == 0, daemon.output()
+    output = daemon.output()
+    assert "serving" in output and "stopped" in output, output
+    for secret in secret_texts:
+        assert secret not in output, f"secret in the daemon's output:\n{output}"
+
+
+def debug_env(daemon_env: dict[str, str], url: str, **settings: str) -> dict[str, str]:
+    env = daemon_env | {"REGISTRY_NATS_URL": url, "REGISTRY_LOG_LEVEL": "debug"}
+    env.update({f"REGISTRY_NATS_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+Spawn = Callable[..., Awaitable[Registryd]]
+NatsWith = Callable[[str], embedded.NatsServer]
+
+
+# ---------------------------------------------------------------- user and password
+
+
+async def test_user_and_password(
+    nats_with: NatsWith, daemon_env: dict[str, str], spawn: Spawn
+) -> None:
+    password = "pw-" + secrets.token_hex(12)
+    server = nats_with(
+        f'authorization {{ users = [ {{ user: "alice", password: "{password}" }} ] }}'
+    )
+    env = debug_env(daemon_env, server.url, user="alice", password=password)
+    daemon = await spawn(env=env)
+    await serves(
+        daemon,
+        env["REGISTRY_SUBJECT_PREFIX"],
+        server.url,
+        [password],
+        user="alice",
+        password=password,
+    )
+
+
+async def test_wrong_password_retries_without_logging_it(
+    nats_with: NatsWith, daemon_env: dict[str, str], spawn: Spawn
+) -> None:
+    server = nats_with('authorization { users = [ { user: "alice", password: "right-one" } ] }')
+    wrong = "wrong-" + secrets.token_hex(12)
+    daemon = await spawn(env=debug_env(daemon_env, server.url, user="alice", password=wrong))
+
+    async def refused_twice() -> bool | None:
+        daemon.assert_running()
+        lines = [line for line in daemon.output().splitlines() if "authorization" in line.lower()]
+        return True if len(lines) >= 2 else None
+
+    # Two attempts refused and the daemon is still there: it keeps retrying.
+    await eventually(refused_twice, "the daemon to be refused twice")
+    daemon.assert_running()
+    assert "serving" not in daemon.output(), daemon.output()
+    # A signal while it is still connecting stops it at once and cleanly.
+    daemon.send(signal.SIGTERM)
+    assert await daemon.exit_code() == 0, daemon.output()
+    assert wrong not in daemon.output(), daemon.output()
+
+
+# ---------------------------------------------------------------- token
+
+
+async def test_token(nats_with: NatsWith, daemon_env: dict[str, str], spawn: Spawn) -> None:
+    token = "tok-" + secrets.token_hex(16)
+    server = nats_with(f'authorization {{ token: "{token}" }}')
+    env = debug_env(daemon_env, server.url, token=token)
+    daemon = await spawn(env=env)
+    await serves(daemon, env["REGISTRY_SUBJECT_PREFIX"], server.url, [token], token=token)
+
+
+# ---------------------------------------------------------------- NKey
+
+
+def user_nkey() -> tuple[str, str]:
+    """A new user NKey: (seed, public key)."""
+    raw = nacl.signing.SigningKey.generate().encode()
+    seed = nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key
+    return seed.decode(), public.decode()
+
+
+@pytest.mark.parametrize("given_as", ["file", "string"])
+async def test_nkey(
+    given_as: str,
+    nats_with: NatsWith,
+    daemon_env: dict[str, str],
+    spawn: Spawn,
+    tmp_path: Path,
+) -> None:
+    seed, public = user_nkey()
+    assert seed.startswith("SU") and public.startswith("U")
+    server = nats_with(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}')
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_text(seed + "\n")
+    seed_file.chmod(0o600)
+    nkey = str(seed_file) if given_as == "file" else seed
+    env = debug_env(daemon_env, server.url, nkey=nkey)
+    daemon = await spawn(env=env)
+    await serves(daemon, env["REGISTRY_SUBJECT_PREFIX"], server.url, [seed], nkeys_seed_str=seed)
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=registryd test CA", cwd=d,
+    )  # fmt: skip
+    for name, ext in [
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ]:
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl(
+            "req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN=registryd test {name}", cwd=d,
+        )  # fmt: skip
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=d,
+        )  # fmt: skip
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+def tls_config(pki: Pki) -> str:
+    return (
+        "tls {\n"
+        f'  cert_file: "{pki.server_cert}"\n'
+        f'  key_file: "{pki.server_key}"\n'
+        f'  ca_file: "{pki.ca}"\n'
+        "  verify: true\n"
+        "  timeout: 5\n"
+        "}\n"
+    )
+
+
+def key_material(key: Path) -> str:
+    """The base64 body of a PEM private key."""
+    return "".join(line for line in key.read_text().splitlines() if not line.startswith("-----"))
+
+
+async def test_tls_with_client_certificate(
+    pki: Pki, nats_with: NatsWith, daemon_env: dict[str, str], spawn: Spawn
+) -> None:
+    server = nats_with(tls_config(pki))
+    url = server.url.replace("nats://", "tls://")
+
+    # The server wants a client certificate: a client without one is turned away.
+    bare = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises(Exception):  # noqa: B017 - TLS alert or connection reset
+        await nats.connect(url, tls=bare, allow_reconnect=False, connect_timeout=5)
+
+    env = debug_env(
+        daemon_env,
+        url,
+        tls_ca=str(pki.ca),
+        tls_cert=str(pki.client_cert),
+        tls_key=str(pki.client_key),
+    )
+    daemon = await spawn(env=env)
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    secrets_ = [key_material(pki.client_key)[:40], key_material(pki.client_key)[-40:]]
+    await serves(daemon, env["REGISTRY_SUBJECT_PREFIX"], url, secrets_, tls=context)
