@@ -123,6 +123,18 @@ class Listener:
         return items
 
 
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
+    """Poll `check` until it returns something other than None, or fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 async def fails(call: Awaitable[Any], code: int, *words: str) -> CallError:
     """Await a call that must fail with `code`; its message must contain `words`."""
     with pytest.raises(CallError) as info:

@@ -29,7 +29,7 @@ from daemon import __version__, embedded
 from daemon.app import Daemon
 from daemon.sdnotify import Notifier
 from tests.conftest import REGISTRYD, with_database
-from tests.support import Client, Registryd, connect
+from tests.support import Client, Registryd, connect, eventually
 
 T = TypeVar("T")
 
@@ -37,20 +37,6 @@ REGISTRYD_SCRIPT = Path(sys.executable).parent / "registryd"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], what: str, within: float = 15.0
-) -> T:
-    """Poll `check` until it returns something other than None, or fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -11,12 +11,10 @@ needs an operator, an account and a user JWT signed in a chain.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import signal
 import ssl
 import subprocess
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from daemon import embedded
-from tests.support import Client, Registryd
+from tests.support import Client, Registryd, eventually
 
 # ---------------------------------------------------------------- helpers
 
@@ -52,18 +50,6 @@ def nats_with(tmp_path: Path) -> Iterator[Callable[[str], embedded.NatsServer]]:
     yield start
     for server in started:
         server.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
-    """Poll `check` until it returns something other than None, or fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def serves(
