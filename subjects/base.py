@@ -31,6 +31,8 @@ MAX_INT32 = 2**31 - 1
 ByteCount = Annotated[int, Field(ge=0, le=MAX_INT64)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT32)]
 NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# `node_ids` restricts a query to those nodes; absent or empty means all.
+NodeIds = Annotated[list[NodeId], Field(max_length=10_000)]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 ReplicaIndex = Annotated[int, Field(ge=0, le=MAX_INT32)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]

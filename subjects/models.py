@@ -4,16 +4,14 @@ and the load information a reconciler needs to start another replica.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import Field
+from typing import Any
 
 from subjects.base import (
     OK,
     Context,
     Group,
     ModelName,
-    NodeId,
+    NodeIds,
     NodeRef,
     Paged,
     Request,
@@ -26,8 +24,6 @@ from subjects.replicas import REPLICA_COLUMNS, BackendType, Blob
 
 group = Group()
 
-
-NodeIds = Annotated[list[NodeId], Field(max_length=10_000)]
 
 LOADED_ON_HEALTHY = """
     r.state = 'loaded' AND n.status = 'healthy'"""

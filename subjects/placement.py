@@ -7,9 +7,7 @@ heartbeat window, and the node's next VRAM reading clears it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import Field
+from typing import Any
 
 from daemon.errors import Conflict, NotFound
 from subjects.base import (
@@ -20,6 +18,7 @@ from subjects.base import (
     Labels,
     ModelName,
     NodeId,
+    NodeIds,
     Paged,
     Request,
     found,
@@ -29,8 +28,6 @@ from subjects.base import (
 from subjects.nodes import NODE_COLUMNS, by_name
 
 group = Group()
-
-NodeIds = Annotated[list[NodeId], Field(max_length=10_000)]
 
 
 class NodeSet(Request):

@@ -42,6 +42,7 @@ from subjects.base import (
     Group,
     ModelName,
     NodeId,
+    NodeIds,
     ReplicaIndex,
     Request,
     record,
@@ -73,7 +74,7 @@ LeaseId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 class FindLockRequest(Request):
     model: ModelName
-    node_ids: Annotated[list[NodeId], Field(max_length=10_000)] = []
+    node_ids: NodeIds = []
     prefer: Preference | None = None
     lease_s: LeaseSeconds | None = None
 

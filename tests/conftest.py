@@ -166,6 +166,21 @@ async def client(daemon: Daemon, nats_url: str) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
+async def clients(nats_url: str) -> AsyncIterator[Callable[[Daemon], Awaitable[Client]]]:
+    """Clients for daemons a test starts itself (start_daemon); closed after it."""
+    conns = []
+
+    async def make(daemon: Daemon) -> Client:
+        nc = await connect(nats_url)
+        conns.append(nc)
+        return Client(nc, daemon.settings.subject_prefix)
+
+    yield make
+    for nc in conns:
+        await nc.close()
+
+
+@pytest.fixture
 def daemon_env(nats_url: str, database_url: str) -> dict[str, str]:
     """Environment for a registryd subprocess of this test."""
     test_id = f"t{RUN_ID}{next(_counter)}"

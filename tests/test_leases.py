@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from daemon.app import Daemon
-from tests.support import Client, connect, fails
+from tests.support import Client, fails
 
 FAST = {"check_interval": 0.2}
 
@@ -37,21 +37,6 @@ async def lease_count(pg: asyncpg.Connection) -> int:
 
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-@pytest.fixture
-async def client_of(nats_url: str) -> AsyncIterator[Callable[[Daemon], Awaitable[Client]]]:
-    """A client for a daemon started in the test itself."""
-    conns = []
-
-    async def make(daemon: Daemon) -> Client:
-        nc = await connect(nats_url)
-        conns.append(nc)
-        return Client(nc, daemon.settings.subject_prefix)
-
-    yield make
-    for nc in conns:
-        await nc.close()
 
 
 async def test_findlock_with_a_lease_counts_in_flight_and_records_the_lease(
@@ -248,10 +233,10 @@ async def test_removing_the_replica_drops_its_leases(
 
 async def test_expired_leases_are_released_within_a_check_interval(
     start_daemon: Callable[..., Awaitable[Daemon]],
-    client_of: Callable[[Daemon], Awaitable[Client]],
+    clients: Callable[[Daemon], Awaitable[Client]],
     pg: asyncpg.Connection,
 ) -> None:
-    client = await client_of(await start_daemon(**FAST))
+    client = await clients(await start_daemon(**FAST))
     a = await client.healthy_node("gpu-a")
     await client.replica(a)
     short = await client.call("findlock", model="m", lease_s=0.3)
@@ -273,13 +258,13 @@ async def lease_count_is(pg: asyncpg.Connection, n: int) -> bool:
 
 async def test_two_daemons_release_each_expired_lease_once(
     start_daemon: Callable[..., Awaitable[Daemon]],
-    client_of: Callable[[Daemon], Awaitable[Client]],
+    clients: Callable[[Daemon], Awaitable[Client]],
     pg: asyncpg.Connection,
 ) -> None:
     # Rounds every 50 ms on both, so that they often overlap.
     first = await start_daemon(check_interval=0.05)
     await start_daemon(check_interval=0.05)
-    client = await client_of(first)
+    client = await clients(first)
     for name in ("gpu-a", "gpu-b", "gpu-c"):
         await client.replica(await client.healthy_node(name))
     # Leases expiring over many rounds.
@@ -305,11 +290,11 @@ async def test_two_daemons_release_each_expired_lease_once(
 
 async def test_a_lease_survives_a_daemon_restart(
     start_daemon: Callable[..., Awaitable[Daemon]],
-    client_of: Callable[[Daemon], Awaitable[Client]],
+    clients: Callable[[Daemon], Awaitable[Client]],
     pg: asyncpg.Connection,
 ) -> None:
     daemon = await start_daemon(**FAST)
-    client = await client_of(daemon)
+    client = await clients(daemon)
     a = await client.healthy_node("gpu-a")
     await client.replica(a)
     lease_id = (await client.call("findlock", model="m", lease_s=3600))["replica"]["lease_id"]

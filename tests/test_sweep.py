@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -16,7 +16,7 @@ import pytest
 from daemon.app import Daemon
 from daemon.sweep import SWEEP_LOCK_KEY
 from tests.conftest import through
-from tests.support import Client, Listener, Proxy, connect, drained_for, next_for
+from tests.support import Client, Listener, Proxy, drained_for, next_for
 
 # A round every 0.2 s; a node is stale after 30 s without a heartbeat, so the
 # nodes a test registers stay fresh unless the test ages them.
@@ -58,28 +58,14 @@ async def heartbeat(client: Client, node_id: str) -> None:
 
 
 @pytest.fixture
-async def client_of(nats_url: str) -> AsyncIterator[Callable[[Daemon], Awaitable[Client]]]:
-    conns = []
-
-    async def make(daemon: Daemon) -> Client:
-        nc = await connect(nats_url)
-        conns.append(nc)
-        return Client(nc, daemon.settings.subject_prefix)
-
-    yield make
-    for nc in conns:
-        await nc.close()
-
-
-@pytest.fixture
 async def sweeping(
     start_daemon: Callable[..., Awaitable[Daemon]],
-    client_of: Callable[[Daemon], Awaitable[Client]],
+    clients: Callable[[Daemon], Awaitable[Client]],
 ) -> Callable[..., Awaitable[Client]]:
     """A daemon sweeping every 0.2 s (with setting overrides), and its client."""
 
     async def make(**overrides: Any) -> Client:
-        return await client_of(await start_daemon(**{**FAST, **overrides}))
+        return await clients(await start_daemon(**{**FAST, **overrides}))
 
     return make
 
@@ -236,12 +222,12 @@ async def test_a_registering_node_is_left_alone(
 
 async def test_one_instance_sweeps_and_each_change_is_announced_once(
     start_daemon: Callable[..., Awaitable[Daemon]],
-    client_of: Callable[[Daemon], Awaitable[Client]],
+    clients: Callable[[Daemon], Awaitable[Client]],
     pg: asyncpg.Connection,
 ) -> None:
     first = await start_daemon(**FAST, auto_offline=True)
     await start_daemon(**FAST, auto_offline=True)
-    client = await client_of(first)
+    client = await clients(first)
     nodes = [await client.healthy_node(f"gpu-{i}") for i in range(6)]
     ids = [n["id"] for n in nodes]
     for node in nodes:
