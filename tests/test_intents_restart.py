@@ -50,6 +50,12 @@ def own_nats(tmp_path: Path) -> Iterator[OwnNats]:
 
 
 @pytest.fixture
+def env(daemon_env: dict[str, str], own_nats: OwnNats) -> dict[str, str]:
+    """A registryd of this test on its own nats-server, with short intervals."""
+    return daemon_env | FAST_ENV | {"REGISTRY_NATS_URL": own_nats.url}
+
+
+@pytest.fixture
 async def client_of(own_nats: OwnNats, daemon_env: dict[str, str]) -> AsyncIterator[Client]:
     nc = await connect(own_nats.url)
     yield Client(nc, daemon_env["REGISTRY_SUBJECT_PREFIX"], timeout=5)
@@ -68,11 +74,10 @@ async def serving(client: Client) -> Any:
 
 async def test_an_intent_survives_kill_9_of_the_daemon(
     spawn: Callable[..., Awaitable[Registryd]],
-    daemon_env: dict[str, str],
+    env: dict[str, str],
     own_nats: OwnNats,
     client_of: Client,
 ) -> None:
-    env = daemon_env | FAST_ENV | {"REGISTRY_NATS_URL": own_nats.url}
     first = await spawn(env=env)
     await serving(client_of)
     node = await client_of.register("gpu-1")  # pending: nothing goes out yet
@@ -92,11 +97,10 @@ async def test_an_intent_survives_kill_9_of_the_daemon(
 
 async def test_intents_and_delivery_survive_a_nats_restart(
     spawn: Callable[..., Awaitable[Registryd]],
-    daemon_env: dict[str, str],
+    env: dict[str, str],
     own_nats: OwnNats,
     client_of: Client,
 ) -> None:
-    env = daemon_env | FAST_ENV | {"REGISTRY_NATS_URL": own_nats.url}
     daemon = await spawn(env=env)
     await serving(client_of)
     node = await client_of.register("gpu-1")
@@ -119,11 +123,10 @@ async def test_intents_and_delivery_survive_a_nats_restart(
 
 async def test_two_daemons_one_killed_mid_queue_deliver_every_intent(
     spawn: Callable[..., Awaitable[Registryd]],
-    daemon_env: dict[str, str],
+    env: dict[str, str],
     own_nats: OwnNats,
     client_of: Client,
 ) -> None:
-    env = daemon_env | FAST_ENV | {"REGISTRY_NATS_URL": own_nats.url}
     one = await spawn(env=env)
     await spawn(env=env)
     await serving(client_of)
@@ -149,11 +152,10 @@ async def _empty(client: Client) -> bool:
 
 async def test_a_delivery_cut_short_by_kill_9_is_made_again_by_another_daemon(
     spawn: Callable[..., Awaitable[Registryd]],
-    daemon_env: dict[str, str],
+    env: dict[str, str],
     own_nats: OwnNats,
     client_of: Client,
 ) -> None:
-    env = daemon_env | FAST_ENV | {"REGISTRY_NATS_URL": own_nats.url}
     first = await spawn(env=env)
     await serving(client_of)
     node = await client_of.healthy_node("gpu-1")
