@@ -308,11 +308,17 @@ async def test_the_sweep_outlives_a_broken_database(
         await pg.execute("ALTER TABLE nodes_away RENAME TO nodes")
     await age(pg, node["id"])
     await eventually(becomes(pg, node["id"], "unhealthy"))
+
+    # The round logs its recovery once it has published its events, a moment
+    # after the commit the line above saw: wait for the line, too.
+    async def recovered() -> bool:
+        return any(
+            r.name == "registryd.sweep" and r.getMessage() == "health sweep working again"
+            for r in caplog.records
+        )
+
+    await eventually(recovered)
     assert len(failures()) == 1
-    assert any(
-        r.name == "registryd.sweep" and r.getMessage() == "health sweep working again"
-        for r in caplog.records
-    )
 
 
 async def test_the_sweep_outlives_an_unreachable_database(
@@ -337,4 +343,8 @@ async def test_the_sweep_outlives_an_unreachable_database(
     proxy.restore()
     await age(pg, node["id"])
     await eventually(becomes(pg, node["id"], "unhealthy"), timeout=15)
-    assert logged("health sweep working again")
+
+    async def recovered() -> bool:  # logged after the round's events: wait for it
+        return logged("health sweep working again")
+
+    await eventually(recovered)
