@@ -31,6 +31,13 @@ class BadRequest(RegistryError):
 class Unauthorized(RegistryError):
     code, status = 401, "unauthorized"
 
+    def __init__(self, message: str, *, who: str, why: str) -> None:
+        # `who` and `why` go to the operator's log, never to the caller: who
+        # the request claimed to be, and what exactly was wrong.
+        super().__init__(message)
+        self.who = who
+        self.why = why
+
 
 class NotFound(RegistryError):
     code, status = 404, "not_found"

@@ -28,7 +28,14 @@ from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
 from pydantic import ValidationError
 
 from daemon import __version__
-from daemon.errors import BadRequest, RegistryError, TooLarge, Unavailable, classify
+from daemon.errors import (
+    BadRequest,
+    RegistryError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    classify,
+)
 from subjects import OPERATIONS
 from subjects.base import Context, Operation, Reply
 
@@ -56,6 +63,37 @@ class Health:
         if self.failing is not None:
             log.info("requests served again after: %s", self.failing)
             self.failing = None
+
+
+class Refusals:
+    """Logs refused requests (a wrong registration token): who, from where, why.
+
+    A misconfigured worker retries every few seconds forever, so each claimant
+    gets one line per `every` seconds, the next one counting those in between.
+    """
+
+    def __init__(self, every: float = 60.0, remember: int = 10_000) -> None:
+        self._every = every
+        self._remember = remember
+        self._seen: dict[str, tuple[float, int]] = {}  # who → (last logged, held back)
+
+    def note(self, op: str, err: Unauthorized, source: str) -> None:
+        now = time.monotonic()
+        last, held = self._seen.get(err.who, (-self._every, 0))
+        if now - last < self._every:
+            self._seen[err.who] = (last, held + 1)
+            return
+        if len(self._seen) >= self._remember:
+            self._seen.clear()  # a flood of made-up names: forget, keep logging
+        self._seen[err.who] = (now, 0)
+        more = f" ({held} more refused since the last line)" if held else ""
+        log.warning("refused %s for %s from %s: %s%s", op, err.who, source, err.why, more)
+
+
+def source_of(msg: Msg) -> str:
+    """Where a request came from, as far as NATS tells: the requester's inbox,
+    which nats-server's /connz?subs=1 maps to a connection (user, address)."""
+    return f"inbox {msg.reply}" if msg.reply else "a publish without reply subject"
 
 
 class Limiter:
@@ -93,7 +131,13 @@ class RegistryEndpoint(Endpoint):
     """A micro endpoint that serves its requests concurrently (see module doc)."""
 
     def __init__(
-        self, service: Service, op: Operation[Any], subject: str, ctx: Context, limiter: Limiter
+        self,
+        service: Service,
+        op: Operation[Any],
+        subject: str,
+        ctx: Context,
+        limiter: Limiter,
+        refusals: Refusals,
     ) -> None:
         super().__init__(
             service,
@@ -108,6 +152,7 @@ class RegistryEndpoint(Endpoint):
         self._op = op
         self._ctx = ctx
         self._limiter = limiter
+        self._refusals = refusals
 
     @staticmethod
     async def _unused(_: Any) -> None:  # pragma: no cover - the library needs a handler
@@ -150,6 +195,8 @@ class RegistryEndpoint(Endpoint):
             body, headers = error_reply(err)
             if isinstance(err, Unavailable):
                 self._limiter.health.unavailable(err.message)
+            elif isinstance(err, Unauthorized):
+                self._refusals.note(self._op.name, err, source_of(msg))
         if msg.reply:
             try:
                 await self._service._client.publish(msg.reply, body, headers=headers)
@@ -249,6 +296,7 @@ class RegistryService:
         self._nc = nc
         self._ctx = ctx
         self.limiter = Limiter(ctx.settings.max_concurrency)
+        self._refusals = Refusals()
         self._service = Service(
             nc,
             ServiceConfig(
@@ -269,7 +317,7 @@ class RegistryService:
         await self._service.start()
         for op in OPERATIONS:
             endpoint = RegistryEndpoint(
-                self._service, op, self.subject(op), self._ctx, self.limiter
+                self._service, op, self.subject(op), self._ctx, self.limiter, self._refusals
             )
             await endpoint._start()
             self._service._endpoints.append(endpoint)

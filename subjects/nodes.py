@@ -155,21 +155,23 @@ def auto_labels(req: RegisterRequest) -> dict[str, str]:
     return labels
 
 
-def check_token(expected: str | None, given: str | None) -> None:
+def check_token(expected: str | None, req: RegisterRequest) -> None:
     if expected is None:
         return
     # Compare digests so the comparison takes the same time whatever the length.
     want = hashlib.sha256(expected.encode()).digest()
-    got = hashlib.sha256((given or "").encode()).digest()
-    if given is None or not hmac.compare_digest(want, got):
-        raise Unauthorized("registration token missing or wrong")
+    got = hashlib.sha256((req.token or "").encode()).digest()
+    if req.token is None or not hmac.compare_digest(want, got):
+        who = f"node {req.name!r}" + (f" (address {req.address})" if req.address else "")
+        why = "registration token missing" if req.token is None else "wrong registration token"
+        raise Unauthorized("registration token missing or wrong", who=who, why=why)
 
 
 @group.op("register", RegisterRequest)
 async def register(ctx: Context, req: RegisterRequest) -> Any:
     """Register a worker node, or re-register it after a restart."""
     secret = ctx.settings.registration_token
-    check_token(secret.get_secret_value() if secret else None, req.token)
+    check_token(secret.get_secret_value() if secret else None, req)
     max_replicas = None
     if req.max_replicas_per_model is not None:
         max_replicas = max(1, req.max_replicas_per_model)  # 0 means "the default", 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,9 @@ import asyncpg
 import orjson
 import pytest
 
+from daemon import service
 from daemon.app import Daemon
+from daemon.errors import Unauthorized
 from tests.support import (
     CallError,
     Client,
@@ -455,6 +458,52 @@ async def test_registration_token(
         row = await pg.fetchrow("SELECT address, status FROM nodes WHERE id = $1", node["id"])
         assert (row["address"], row["status"]) == ("gpu-1.local:50051", "healthy")
         assert await replica_rows(pg, node["id"]) == [("llama", 0)]
+
+
+async def test_refused_registrations_are_logged_without_the_token(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    nats_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="registryd.service")
+    daemon = await start_daemon(registration_token="s3cret-configured")
+    async with client_of(daemon, nats_url) as client:
+        await fails(client.register("gpu-1", token="guess-one", address="10.0.0.5:50051"), 401)
+        await fails(client.register("gpu-2"), 401)
+        # A worker retrying with the wrong token does not fill the log.
+        for _ in range(5):
+            await fails(client.register("gpu-1", token="guess-two", address="10.0.0.5:50051"), 401)
+        await client.register("gpu-3", token="s3cret-configured")
+
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    gpu1, gpu2 = lines
+    # The operator sees who claimed what, from which connection's inbox, and why.
+    assert "node 'gpu-1' (address 10.0.0.5:50051)" in gpu1
+    assert "wrong registration token" in gpu1
+    assert "from inbox _INBOX." in gpu1
+    assert "node 'gpu-2'" in gpu2 and "registration token missing" in gpu2
+    # Neither the token given nor the one configured is ever written down.
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in ("guess-one", "guess-two", "s3cret-configured"):
+        assert secret not in text
+
+
+def test_repeated_refusals_are_counted_in_the_next_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="registryd.service")
+    refusals = service.Refusals(every=60)
+    err = Unauthorized("registration token missing or wrong", who="node 'a'", why="wrong")
+    for step in (0, 10, 20, 30, 70):  # seconds since the first attempt
+        clock[0] = 1000.0 + step
+        refusals.note("register", err, "inbox _INBOX.x.1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "more refused" not in lines[0]
+    assert "(3 more refused since the last line)" in lines[1]
 
 
 async def test_no_registration_token_configured_accepts_any(
