@@ -36,8 +36,9 @@ from daemon.errors import (
     Unavailable,
     classify,
 )
+from daemon.turns import Turns, Work
 from subjects import OPERATIONS
-from subjects.base import Context, Operation, Reply
+from subjects.base import Context, Operation, Reply, Request
 
 log = logging.getLogger("registryd.service")
 
@@ -96,37 +97,6 @@ def source_of(msg: Msg) -> str:
     return f"inbox {msg.reply}" if msg.reply else "a publish without reply subject"
 
 
-class Limiter:
-    """Counts requests in progress across all endpoints, and bounds them."""
-
-    def __init__(self, limit: int) -> None:
-        self.health = Health()
-        self._slots = asyncio.Semaphore(limit)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def spawn(self, work: Any, name: str) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(work, name=name)
-        self._tasks.add(task)
-        self._idle.clear()
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not self._tasks:
-            self._idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
 class RegistryEndpoint(Endpoint):
     """A micro endpoint that serves its requests concurrently (see module doc)."""
 
@@ -136,7 +106,8 @@ class RegistryEndpoint(Endpoint):
         op: Operation[Any],
         subject: str,
         ctx: Context,
-        limiter: Limiter,
+        turns: Turns,
+        health: Health,
         refusals: Refusals,
     ) -> None:
         super().__init__(
@@ -151,7 +122,8 @@ class RegistryEndpoint(Endpoint):
         )
         self._op = op
         self._ctx = ctx
-        self._limiter = limiter
+        self._turns = turns
+        self._health = health
         self._refusals = refusals
 
     @staticmethod
@@ -178,25 +150,50 @@ class RegistryEndpoint(Endpoint):
     async def _dispatch(self, msg: Msg) -> None:
         if self._op.inline and not msg.reply:
             # Published and quick (a heartbeat is queued, not written, here): a
-            # task each would cost more than the work, at thousands a second.
-            await self._serve(msg)
+            # turn and a task each would cost more than the work, at thousands
+            # a second.
+            work = await self.begin(msg)
+            if work is not None:
+                await work()
             return
-        await self._limiter.spawn(self._serve(msg), name=f"req:{self._op.name}")
+        await self._turns.submit(self, msg)
 
-    async def _serve(self, msg: Msg) -> None:
+    async def begin(self, msg: Msg) -> Work | None:
+        """Check the request; answer a bad one now, else return its handling."""
         started = time.perf_counter_ns()
         self._num_requests += 1
         try:
-            body, headers = await self._answer(msg)
-            self._limiter.health.ok()
+            request = self._check(msg)
         except RegistryError as err:
-            self._num_errors += 1
-            self._last_error = f"{err.code}:{err.message}"
-            body, headers = error_reply(err)
-            if isinstance(err, Unavailable):
-                self._limiter.health.unavailable(err.message)
-            elif isinstance(err, Unauthorized):
-                self._refusals.note(self._op.name, err, source_of(msg))
+            await self._finish(msg, started, *self._failed(msg, err))
+            return None
+        return lambda: self._handle(msg, request, started)
+
+    async def overloaded(self, msg: Msg) -> None:
+        self._num_requests += 1
+        err = Unavailable("too many requests waiting; retry later")
+        await self._finish(msg, time.perf_counter_ns(), *self._failed(msg, err))
+
+    async def _handle(self, msg: Msg, request: Request, started: int) -> None:
+        try:
+            body, headers = await self._answer(request)
+            self._health.ok()
+        except RegistryError as err:
+            body, headers = self._failed(msg, err)
+        await self._finish(msg, started, body, headers)
+
+    def _failed(self, msg: Msg, err: RegistryError) -> tuple[bytes, dict[str, str]]:
+        self._num_errors += 1
+        self._last_error = f"{err.code}:{err.message}"
+        if isinstance(err, Unavailable):
+            self._health.unavailable(err.message)
+        elif isinstance(err, Unauthorized):
+            self._refusals.note(self._op.name, err, source_of(msg))
+        return error_reply(err)
+
+    async def _finish(
+        self, msg: Msg, started: int, body: bytes, headers: dict[str, str] | None
+    ) -> None:
         if msg.reply:
             try:
                 await self._service._client.publish(msg.reply, body, headers=headers)
@@ -206,7 +203,7 @@ class RegistryEndpoint(Endpoint):
         self._processing_time += elapsed
         self._average_processing_time = int(self._processing_time / self._num_requests)
 
-    async def _answer(self, msg: Msg) -> tuple[bytes, dict[str, str] | None]:
+    def _check(self, msg: Msg) -> Request:
         op, settings = self._op, self._ctx.settings
         if len(msg.data) > settings.max_payload:
             raise TooLarge(
@@ -218,9 +215,12 @@ class RegistryEndpoint(Endpoint):
         if op.reply_field:
             fields[op.reply_field] = bool(msg.reply)
         try:
-            request = op.model.model_validate(fields)
+            return op.model.model_validate(fields)
         except ValidationError as exc:
             raise BadRequest(describe_validation(exc)) from None
+
+    async def _answer(self, request: Request) -> tuple[bytes, dict[str, str] | None]:
+        op = self._op
         try:
             result = await op.handler(self._ctx, request)
         except Exception as exc:
@@ -295,7 +295,11 @@ class RegistryService:
     def __init__(self, nc: NATS, ctx: Context) -> None:
         self._nc = nc
         self._ctx = ctx
-        self.limiter = Limiter(ctx.settings.max_concurrency)
+        limit = ctx.settings.max_concurrency
+        # One requester may hold a quarter of the slots: a router process with
+        # hundreds of requests in flight, while others still get theirs.
+        self._turns = Turns(limit, per_requester=max(1, limit // 4))
+        self._health = Health()
         self._refusals = Refusals()
         self._service = Service(
             nc,
@@ -314,10 +318,17 @@ class RegistryService:
         return base + ".*" if op.subject_field else base
 
     async def start(self) -> None:
+        self._turns.start()
         await self._service.start()
         for op in OPERATIONS:
             endpoint = RegistryEndpoint(
-                self._service, op, self.subject(op), self._ctx, self.limiter, self._refusals
+                self._service,
+                op,
+                self.subject(op),
+                self._ctx,
+                self._turns,
+                self._health,
+                self._refusals,
             )
             await endpoint._start()
             self._service._endpoints.append(endpoint)
@@ -332,10 +343,11 @@ class RegistryService:
             except Exception:
                 log.debug("endpoint drain failed", exc_info=True)
         try:
-            await asyncio.wait_for(self.limiter.wait_idle(), timeout=grace)
+            await asyncio.wait_for(self._turns.wait_idle(), timeout=grace)
         except TimeoutError:
             log.warning(
                 "%d requests still running after %.0fs; stopping anyway",
-                self.limiter.in_flight,
+                self._turns.in_flight,
                 grace,
             )
+        await self._turns.stop()

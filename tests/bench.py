@@ -39,6 +39,7 @@ import psutil
 from daemon import db as dbmod
 from daemon import embedded
 from tests.conftest import with_database
+from tests.support import MALFORMED
 
 PICK_A_SELECT = """
     SELECT r.id, r.node_id FROM replicas r JOIN nodes n ON n.id = r.node_id
@@ -386,6 +387,87 @@ class Bench:
         rss = psutil.Process(self.daemon.pid).memory_info().rss / 2**20
         self.report("daemon resident memory", f"{rss:.0f} MB", "-", "target < 200 MB")
 
+    async def malformed(self) -> None:
+        """One router's pairs while another client sends 10,000 malformed requests."""
+        print("a burst of malformed requests", flush=True)
+        await self.seed(4, 1, 4, "burst")
+        await self.reset_counters()
+        _, quiet = await self.run_pairs(self.pair_daemon, ["burst1"], 1, self.args.seconds)
+
+        # The burst comes from another process, as it would: sent from this
+        # one, it would hold up the router being measured here too.
+        count = 10_000
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import asyncio, sys; from tests.bench import burst; "
+            "asyncio.run(burst(sys.argv[1], sys.argv[2], int(sys.argv[3])))",
+            self.nats_url,
+            self.prefix,
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"start\n"
+        during: list[float] = []
+        finished = asyncio.create_task(child.stdout.readline())
+        while not finished.done():
+            started = time.perf_counter()
+            await self.pair_daemon("burst1")
+            during.append(time.perf_counter() - started)
+        answered, took = (float(x) for x in (await finished).split())
+        await child.wait()
+        self.report(
+            f"{count:,} malformed requests from another client",
+            f"{answered:,.0f} answered 400 in {took:.2f} s",
+            "-",
+            f"{answered / took:,.0f}/s",
+        )
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            d, b = quantile(during, q), quantile(quiet, q)
+            self.report(
+                f"1 router during that burst, {name}",
+                f"{d * 1e3:.3f} ms ({len(during)} pairs)",
+                f"same router, quiet: {b * 1e3:.3f} ms",
+                f"{d / b:.2f}x quiet",
+            )
+
+
+SECTIONS = ("findlock", "heartbeats", "scale", "malformed")
+
+
+async def burst(url: str, prefix: str, count: int) -> None:
+    """Send `count` malformed requests at once; print how many got a 400, and when."""
+    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    inbox = nc.new_inbox()
+    answered = 0
+    all_answered = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        nonlocal answered
+        if msg.headers and msg.headers.get("Nats-Service-Error-Code") == "400":
+            answered += 1
+        if answered == count:
+            all_answered.set()
+
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    print("start", flush=True)
+    started = time.perf_counter()
+    for i in range(count):
+        op, data, _ = MALFORMED[i % len(MALFORMED)]
+        await nc.publish(f"{prefix}.{op}", data, reply=f"{inbox}.{i}")
+    await nc.flush()
+    try:
+        await asyncio.wait_for(all_answered.wait(), 60)
+    finally:
+        print(answered, time.perf_counter() - started, flush=True)
+        await nc.close()
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -393,6 +475,14 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="length of each run")
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--replicas", type=int, default=100_000)
+    parser.add_argument(
+        "sections",
+        nargs="*",
+        choices=[*SECTIONS, []],
+        default=list(SECTIONS),
+        metavar="section",
+        help=f"which to run (default all): {', '.join(SECTIONS)}",
+    )
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 8.0
@@ -400,9 +490,8 @@ async def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="registryd-bench-") as workdir:
         await bench.setup(Path(workdir))
         try:
-            await bench.findlock()
-            await bench.heartbeats()
-            await bench.scale()
+            for section in args.sections:
+                await getattr(bench, section)()
         finally:
             await bench.teardown()
     print()

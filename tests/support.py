@@ -21,6 +21,21 @@ from nats.aio.msg import Msg
 from daemon.delivery import sanitize
 from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
 
+# What a broken or hostile client sends, at the operations routers and workers
+# use most, and a word the 400's message must hold (the field, or what is wrong).
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("findlock", b"{", "not valid JSON"),
+    ("findlock", b"[]", "JSON object"),
+    ("findlock", b'{"model": 5}', "'model'"),
+    ("findlock", b'{"model": "m", "lease_s": -1}', "'lease_s'"),
+    ("register", b'{"name": "a\\u0000b", "address": "x:1"}', "'name'"),
+    ("register", b'{"address": "x:1"}', "'name'"),
+    ("get", b'{"node_id": 7}', "'node_id'"),
+    ("inflight_dec", b'{"node_id": null}', "'lease_id'"),
+    ("list", b"\xff\xfe", "not valid JSON"),
+    ("findlock", b'{"model": "m", "node_ids": "gpu-1"}', "'node_ids'"),
+]
+
 
 class CallError(Exception):
     """An error reply: the code and message from the headers, and the JSON body."""

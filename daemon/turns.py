@@ -1,0 +1,149 @@
+"""Requests take turns by requester, so one client's flood cannot starve the rest.
+
+nats-py hands each subscription's messages over in arrival order. Served in that
+order, 10,000 junk requests from one client would stand in front of every
+router's findlock for as long as they take to refuse. Instead each request is
+filed under its requester (the reply inbox without its last token: one NATS
+connection, for every client library that multiplexes replies) and one loop
+takes the requesters in turn. For each request it runs the endpoint's `begin`,
+which checks the request (CPU only) and answers a bad one at once, then starts a
+task for a good one's handler. It yields every half millisecond, so the
+handlers already running are not held up behind a queue of checks either.
+
+Bounds: `limit` handler tasks at once; `per_requester` of them for any one
+requester (the rest of its requests wait for its next turn); `backlog` requests
+waiting in all, past which a request is refused at once with 503 rather than
+held without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from nats.aio.msg import Msg
+
+log = logging.getLogger("registryd.service")
+
+SLICE = 0.0005  # seconds of checking between two chances for others to run
+
+Work = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Endpoint(Protocol):
+    async def begin(self, msg: Msg) -> Work | None:
+        """Check `msg`; answer it if it is bad (None), else the work to run."""
+
+    async def overloaded(self, msg: Msg) -> None:
+        """Refuse `msg` at once: too many requests are waiting."""
+
+
+def requester_of(msg: Msg) -> str:
+    # nats-py, nats.go and the nats CLI reply to "<inbox prefix>.<token>", the
+    # prefix being one per connection. Published messages share one turn.
+    return msg.reply.rpartition(".")[0] if msg.reply else ""
+
+
+class Turns:
+    def __init__(self, limit: int, per_requester: int, backlog: int = 100_000) -> None:
+        self._limit = limit
+        self._per_requester = per_requester
+        self._backlog = backlog
+        # Requesters in turn order: the one served moves to the back.
+        self._waiting: dict[str, deque[tuple[Endpoint, Msg]]] = {}
+        self._waiting_count = 0
+        self._running: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._serve(), name="turns")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+
+    async def submit(self, endpoint: Endpoint, msg: Msg) -> None:
+        if self._waiting_count >= self._backlog:
+            await endpoint.overloaded(msg)
+            return
+        self._waiting.setdefault(requester_of(msg), deque()).append((endpoint, msg))
+        self._waiting_count += 1
+        self._idle.clear()
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks) + self._waiting_count
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def _next(self) -> tuple[str, Endpoint, Msg] | None:
+        if len(self._tasks) >= self._limit:
+            return None
+        for requester in self._waiting:
+            if self._running.get(requester, 0) < self._per_requester:
+                break
+        else:
+            return None
+        queue = self._waiting[requester]
+        endpoint, msg = queue.popleft()
+        self._waiting_count -= 1
+        del self._waiting[requester]
+        if queue:
+            self._waiting[requester] = queue
+        return requester, endpoint, msg
+
+    async def _serve(self) -> None:
+        sliced = time.perf_counter()
+        while True:
+            turn = self._next()
+            if turn is None:
+                self._settle()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            requester, endpoint, msg = turn
+            try:
+                work = await endpoint.begin(msg)
+            except Exception:  # begin answers what it can; never lose the loop
+                log.exception("could not start a request")
+                work = None
+            if work is not None:
+                self._run(requester, work)
+            # Let handlers' continuations and newly read messages in every
+            # half millisecond; yielding after each request would halve how
+            # many bad ones a second we can turn away.
+            if time.perf_counter() - sliced > SLICE:
+                await asyncio.sleep(0)
+                sliced = time.perf_counter()
+
+    def _run(self, requester: str, work: Work) -> None:
+        self._running[requester] = self._running.get(requester, 0) + 1
+        task = asyncio.create_task(work(), name="request")
+        self._tasks.add(task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            left = self._running[requester] - 1
+            if left:
+                self._running[requester] = left
+            else:
+                del self._running[requester]
+            self._wake.set()
+            self._settle()
+
+        task.add_done_callback(done)
+
+    def _settle(self) -> None:
+        if not self._tasks and not self._waiting_count:
+            self._idle.set()

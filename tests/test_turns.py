@@ -1,0 +1,130 @@
+"""How requests take turns (daemon/turns.py), with endpoints that record what
+they were asked to do. The daemon-level behaviour is in test_flood.py; these
+pin down the order and the bounds a flood test cannot see one by one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from daemon.turns import Turns, Work, requester_of
+
+
+def msg(requester: str, n: int) -> Msg:
+    return Msg(_client=None, subject="p.op", reply=f"{requester}.{n}", data=b"")  # type: ignore[arg-type]
+
+
+class Recorder:
+    """Starts requests that wait until the test releases them."""
+
+    def __init__(self) -> None:
+        self.begun: list[str] = []
+        self.running: set[str] = set()
+        self.refused: list[str] = []
+        self.release = asyncio.Event()
+
+    async def begin(self, m: Msg) -> Work | None:
+        self.begun.append(m.reply)
+        if m.data == b"bad":
+            return None  # answered at once, like a malformed request
+
+        async def work() -> None:
+            self.running.add(m.reply)
+            await self.release.wait()
+            self.running.discard(m.reply)
+
+        return work
+
+    async def overloaded(self, m: Msg) -> None:
+        self.refused.append(m.reply)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def started(turns: Turns, endpoint: Recorder, *msgs: Msg) -> None:
+    for m in msgs:
+        await turns.submit(endpoint, m)
+    await settle()
+
+
+def test_requester_is_the_inbox_without_its_last_token() -> None:
+    assert requester_of(msg("_INBOX.abc", 7)) == "_INBOX.abc"
+    published = Msg(_client=None, subject="p.heartbeat.n", reply="", data=b"")  # type: ignore[arg-type]
+    assert requester_of(published) == ""
+
+
+async def test_requesters_take_turns() -> None:
+    turns, endpoint = Turns(limit=100, per_requester=100), Recorder()
+    endpoint.release.set()
+    flood = [Msg(_client=None, reply=f"_INBOX.flood.{i}", data=b"bad") for i in range(50)]  # type: ignore[arg-type]
+    for m in flood:
+        await turns.submit(endpoint, m)
+    await turns.submit(endpoint, msg("_INBOX.router", 0))
+    turns.start()
+    await turns.wait_idle()
+    await turns.stop()
+    # Filed behind 50 requests of another requester, the router's comes second.
+    assert endpoint.begun.index("_INBOX.router.0") == 1
+    assert len(endpoint.begun) == 51
+
+
+async def test_one_requester_holds_at_most_its_share() -> None:
+    turns, endpoint = Turns(limit=10, per_requester=3), Recorder()
+    turns.start()
+    await started(turns, endpoint, *(msg("_INBOX.big", i) for i in range(8)))
+    assert len(endpoint.running) == 3
+    # Another requester still gets a slot at once.
+    await started(turns, endpoint, msg("_INBOX.small", 0))
+    assert "_INBOX.small.0" in endpoint.running
+    assert turns.in_flight == 9  # 4 running, 5 waiting
+    endpoint.release.set()
+    await turns.wait_idle()
+    assert len(endpoint.begun) == 9 and not endpoint.running
+    await turns.stop()
+
+
+async def test_overall_limit() -> None:
+    turns, endpoint = Turns(limit=4, per_requester=4), Recorder()
+    turns.start()
+    await started(turns, endpoint, *(msg(f"_INBOX.r{i}", 0) for i in range(6)))
+    assert len(endpoint.running) == 4
+    endpoint.release.set()
+    await turns.wait_idle()
+    assert len(endpoint.begun) == 6
+    await turns.stop()
+
+
+async def test_a_full_backlog_refuses_at_once() -> None:
+    turns, endpoint = Turns(limit=1, per_requester=1, backlog=3), Recorder()
+    turns.start()
+    await started(turns, endpoint, msg("_INBOX.r", 0))
+    await started(turns, endpoint, *(msg("_INBOX.r", i) for i in range(1, 6)))
+    # One running, three waiting, the rest refused rather than queued.
+    assert endpoint.refused == ["_INBOX.r.4", "_INBOX.r.5"]
+    endpoint.release.set()
+    await turns.wait_idle()
+    assert endpoint.begun == [f"_INBOX.r.{i}" for i in range(4)]
+    await turns.stop()
+
+
+async def test_a_failing_begin_does_not_stop_the_turns() -> None:
+    turns = Turns(limit=10, per_requester=10)
+
+    class Broken(Recorder):
+        async def begin(self, m: Msg) -> Any:
+            if m.reply.endswith(".0"):
+                raise RuntimeError("boom")
+            return await super().begin(m)
+
+    endpoint = Broken()
+    endpoint.release.set()
+    turns.start()
+    await started(turns, endpoint, msg("_INBOX.r", 0), msg("_INBOX.r", 1))
+    await turns.wait_idle()
+    assert endpoint.begun == ["_INBOX.r.1"]
+    await turns.stop()
