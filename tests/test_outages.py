@@ -100,3 +100,40 @@ async def test_several_daemons_share_the_requests(
         assert all(count > 0 for count in served), served
     finally:
         await nc.close()
+
+
+async def test_the_pool_moves_to_the_second_database_host(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+    database_url: str,
+    proxy: Proxy,
+) -> None:
+    # Two "hosts" in one DSN, as for a primary and its standby; both proxies
+    # lead to the same database, so the data is there whichever is used.
+    second = Proxy(proxy.target)
+    await second.start()
+    try:
+        two_hosts = through(database_url, proxy.port).replace(
+            f"127.0.0.1:{proxy.port}", f"127.0.0.1:{proxy.port},127.0.0.1:{second.port}"
+        )
+        daemon = await start_daemon(
+            database_url=two_hosts + "?target_session_attrs=read-write", db_timeout=1.0
+        )
+        client = await clients(daemon)
+        node = await client.register("gpu-1")
+        assert not second._writers  # everything went to the first host so far
+
+        proxy.cut()  # the first host is gone for good
+
+        async def served() -> bool:
+            try:
+                return (await client.call("get", node_id=node["id"]))["id"] == node["id"]
+            except CallError as err:
+                assert err.code == 503, err  # while the pool notices, and no worse
+                return False
+
+        await until(served)
+        assert second._writers, "no connection through the second host"
+        assert (await client.register("gpu-2"))["name"] == "gpu-2"
+    finally:
+        await second.close()
