@@ -35,6 +35,17 @@ log = logging.getLogger("registryd.intents")
 OPS = ("install", "delete", "upgrade")
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expectation
 _STREAM_NOT_FOUND = 10059
+# The stream settings ensure_stream gives; the server fills in the others.
+_MANAGED = (
+    "description",
+    "subjects",
+    "retention",
+    "storage",
+    "max_msgs_per_subject",
+    "discard",
+    "num_replicas",
+    "allow_direct",
+)
 
 
 def encode_backend(backend: str) -> str:
@@ -93,7 +104,7 @@ class IntentStore:
             allow_direct=True,
         )
         try:
-            await self._js.stream_info(self.stream)
+            info = await self._js.stream_info(self.stream)
         except NotFoundError:
             try:
                 await self._js.add_stream(config)
@@ -101,6 +112,12 @@ class IntentStore:
                 return
             except BadRequestError:
                 pass  # another instance created it first: update it below
+        else:
+            # Update only what differs. On a JetStream cluster, an update that
+            # lands while another daemon's create is still electing the stream's
+            # leader leaves both requests unanswered until they time out.
+            if all(getattr(info.config, f) == getattr(config, f) for f in _MANAGED):
+                return
         await self._js.update_stream(config)
 
     # ------------------------------------------------------------ reads
