@@ -209,9 +209,10 @@ async def spawn(
     It asks for the test's database and NATS so that pytest stops the daemons
     before it drops them (teardown runs in reverse order of set-up)."""
     started: list[Registryd] = []
+    numbers = itertools.count()  # taken before any await: starts may overlap
 
     async def start(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> Registryd:
-        log = tmp_path / f"registryd-{len(started)}.log"
+        log = tmp_path / f"registryd-{next(numbers)}.log"
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
                 *REGISTRYD,
