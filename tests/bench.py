@@ -253,6 +253,48 @@ class Bench:
                 f"B {p50_b * 1e3:.3f} ms",
                 f"{p50_d / p50_b:.2f}x B (target <= 1.5x)",
             )
+        # What NATS itself costs: a pair through any service is two request/
+        # replies, so B plus two echo round trips is the floor for the 1-router
+        # figures above.
+        echo = await self.echo_p50(seconds)
+        floor = p50_b + 2 * echo
+        self.report(
+            "NATS request/reply to a bare echo service, p50",
+            f"{echo * 1e3:.3f} ms",
+            f"floor for a pair: B + 2 x echo = {floor * 1e3:.3f} ms",
+            f"{floor / p50_b:.2f}x B",
+        )
+
+    async def echo_p50(self, seconds: float) -> float:
+        """p50 of a request to a nats-py service, in another process, that only echoes."""
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import asyncio, sys, nats\n"
+            "async def main():\n"
+            "    nc = await nats.connect(sys.argv[1])\n"
+            "    async def echo(msg): await msg.respond(msg.data)\n"
+            "    await nc.subscribe(sys.argv[2], cb=echo)\n"
+            "    await nc.flush(); print('ready', flush=True)\n"
+            "    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)\n"
+            "asyncio.run(main())\n",
+            self.nats_url,
+            f"{self.prefix}.echo",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None and child.stdin is not None
+        assert await child.stdout.readline() == b"ready\n"
+        latencies = []
+        stop = time.monotonic() + seconds
+        body = orjson.dumps({"model": "one1"})
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            await self.nc.request(f"{self.prefix}.echo", body, timeout=5)
+            latencies.append(time.perf_counter() - started)
+        child.stdin.close()
+        await child.wait()
+        return statistics.median(latencies)
 
     async def heartbeats(self) -> None:
         print("heartbeats", flush=True)
