@@ -523,12 +523,14 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "sections",
         nargs="*",
-        choices=[*SECTIONS, []],
-        default=list(SECTIONS),
         metavar="section",
         help=f"which to run (default all): {', '.join(SECTIONS)}",
     )
     args = parser.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"no section {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    args.sections = args.sections or list(SECTIONS)
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 8.0
     bench = Bench(args)
