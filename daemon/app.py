@@ -26,11 +26,12 @@ from nats.aio.client import Client as NATS
 from daemon import __version__, db
 from daemon.config import Settings
 from daemon.delivery import Delivery
+from daemon.errors import Unavailable
 from daemon.events import Events
 from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
 from daemon.sdnotify import Notifier
-from daemon.service import RegistryService
+from daemon.service import RegistryService, error_reply
 from daemon.sweep import Sweep
 from subjects.base import Context
 
@@ -229,7 +230,41 @@ async def ensure_stream(intents: IntentStore) -> None:
             delay = min(delay * 2, 5.0)
 
 
+class Drops:
+    """Messages nats-py dropped because a subscription's queue was full.
+
+    nats-py reports every one of them. Under an overload that would mean a log
+    line per message, which costs the CPU we are short of; instead the first
+    drop is logged, and then a count per subject every `every` seconds while
+    drops go on. A dropped request is answered 503, so its sender hears at once
+    rather than waiting out its timeout.
+    """
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._counts: dict[str, int] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    def note(self, subject: str) -> None:
+        if self._flush is None:
+            log.warning("NATS: dropping messages on %s: more than the daemon can take in", subject)
+            self._flush = asyncio.get_running_loop().call_later(self._every, self._report)
+        else:
+            self._counts[subject] = self._counts.get(subject, 0) + 1
+
+    def _report(self) -> None:
+        if not self._counts:
+            self._flush = None  # quiet for a whole period: the next drop is news
+            return
+        counts = ", ".join(f"{n:,} on {subject}" for subject, n in self._counts.items())
+        log.warning("NATS: dropped in the last %.0fs: %s", self._every, counts)
+        self._counts.clear()
+        self._flush = asyncio.get_running_loop().call_later(self._every, self._report)
+
+
 async def connect_nats(s: Settings) -> NATS:
+    drops = Drops()
+
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
             log.warning("NATS connection lost; reconnecting")
@@ -238,6 +273,12 @@ async def connect_nats(s: Settings) -> NATS:
         log.info("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
     async def error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            drops.note(exc.sub.subject if exc.sub else exc.subject)
+            if exc.reply:
+                body, headers = error_reply(Unavailable("the registry is overloaded; retry later"))
+                await nc.publish(exc.reply, body, headers=headers)
+            return
         log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def closed() -> None:

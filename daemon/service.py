@@ -47,6 +47,7 @@ QUEUE_GROUP = "registry"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 JSON_OPTIONS = orjson.OPT_UTC_Z
+PENDING_MSGS = 100_000  # per endpoint, read from NATS and not yet dispatched
 
 
 class Health:
@@ -136,9 +137,10 @@ class RegistryEndpoint(Endpoint):
             subject=self._subject,
             queue=self._queue_group,
             cb=self._dispatch,
-            # Requests wait in the client while every slot is busy; allow a deep
-            # queue before nats-py declares us a slow consumer and drops.
-            pending_msgs_limit=100_000,
+            # Messages read but not yet handed to the turns (or, for published
+            # heartbeats, not yet queued for writing). Past this, nats-py drops
+            # them and app.Drops answers the requests among them 503.
+            pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=256 * 1024 * 1024,
         )
 

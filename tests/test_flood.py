@@ -6,18 +6,26 @@ on that same connection. Everything reaches the daemon in that order and its
 replies come back in the order it sent them, so the test can tell, without
 timing anything, whether the router waited for the whole flood to be refused:
 requests take turns by requester (their reply inbox), so it must not.
+
+Below the turns, nats-py drops what it has read but cannot queue; those
+requests must still hear back (503), and the log must not get a line for each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from nats.aio.msg import Msg
 
+from daemon import service
+from daemon.app import Daemon
 from daemon.service import ERROR_CODE_HEADER
 from tests.support import MALFORMED, Client, Registryd, connect, eventually
 
@@ -90,3 +98,43 @@ async def test_flood_of_malformed_requests_leaves_others_served(
     assert await pg.fetchval("SELECT sum(in_flight) FROM replicas") == 0
     daemon.assert_running()
     await nc.close()
+
+
+async def test_requests_dropped_by_nats_py_are_answered_503_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A queue of 20 read-but-not-dispatched messages per endpoint instead of
+    # 100,000, so that a burst overflows it here as a far larger one would.
+    monkeypatch.setattr(service, "PENDING_MSGS", 20)
+    caplog.set_level(logging.WARNING, logger="registryd")
+    client = await clients(await start_daemon())
+    nc = client.nc
+
+    replies: list[Msg] = []
+    all_in = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(msg)
+        if len(replies) == 2_000:
+            all_in.set()
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    for i in range(2_000):
+        await nc.publish(f"{client.prefix}.list", b"{}", reply=f"{inbox}.{i}")
+    await nc.flush()
+    await asyncio.wait_for(all_in.wait(), 60)
+
+    # Every request heard back: served, or told at once that it was not.
+    codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
+    assert set(codes) == {"ok", "503"} and codes["503"] > 0, codes
+    refused = next(r for r in replies if dict(r.headers or {}).get(ERROR_CODE_HEADER) == "503")
+    assert "overloaded" in orjson.loads(refused.data)["error"]["message"]
+    # One line says messages are being dropped, not one line per message.
+    dropping = [r for r in caplog.records if "dropping messages" in r.getMessage()]
+    assert len(dropping) == 1, [r.getMessage() for r in dropping]
+    assert f"{client.prefix}.list" in dropping[0].getMessage()
+    assert await client.call("list") == []
