@@ -166,8 +166,8 @@ class RegistryEndpoint(Endpoint):
         self._num_requests += 1
         try:
             request = self._check(msg)
-        except RegistryError as err:
-            await self._finish(msg, started, *self._failed(msg, err))
+        except Exception as exc:
+            await self._finish(msg, started, *self._failed(msg, self._internal(exc)))
             return None
         return lambda: self._handle(msg, request, started)
 
@@ -180,9 +180,25 @@ class RegistryEndpoint(Endpoint):
         try:
             body, headers = await self._answer(request)
             self._health.ok()
-        except RegistryError as err:
-            body, headers = self._failed(msg, err)
+        except Exception as exc:
+            body, headers = self._failed(msg, self._internal(exc))
         await self._finish(msg, started, body, headers)
+
+    def _internal(self, exc: Exception) -> RegistryError:
+        """The contract's error for `exc`: itself, a driver failure mapped, or a
+        500 whose request id leads to the traceback in the log."""
+        mapped = classify(exc)
+        if mapped is not None:
+            return mapped
+        request_id = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error in %s (request id %s)",
+            self._op.name,
+            request_id,
+            exc_info=exc,
+            extra={"request_id": request_id, "operation": self._op.name},
+        )
+        return RegistryError(f"internal error (request id {request_id})")
 
     def _failed(self, msg: Msg, err: RegistryError) -> tuple[bytes, dict[str, str]]:
         self._num_errors += 1
@@ -222,22 +238,7 @@ class RegistryEndpoint(Endpoint):
             raise BadRequest(describe_validation(exc)) from None
 
     async def _answer(self, request: Request) -> tuple[bytes, dict[str, str] | None]:
-        op = self._op
-        try:
-            result = await op.handler(self._ctx, request)
-        except Exception as exc:
-            mapped = classify(exc)
-            if mapped is not None:
-                raise mapped from None
-            request_id = uuid.uuid4().hex[:12]
-            log.error(
-                "internal error in %s (request id %s)",
-                op.name,
-                request_id,
-                exc_info=exc,
-                extra={"request_id": request_id, "operation": op.name},
-            )
-            raise RegistryError(f"internal error (request id {request_id})") from None
+        result = await self._op.handler(self._ctx, request)
         headers = None
         if isinstance(result, Reply):
             headers = dict(result.headers) or None

@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
+from daemon import service
 from daemon.app import Daemon
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, connect
@@ -158,6 +159,27 @@ async def test_an_unexpected_failure_is_500_with_a_request_id_and_no_internals(
         "node.name": "gpu-1",
         "node.replica-slots": "1",
     }
+
+
+async def test_a_failure_before_the_handler_is_a_500_too(
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug anywhere on a request's way, not only in its handler, must still
+    # answer (500 with a request id) and leave the daemon serving.
+    def broken(_: bytes) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "parse_body", broken)
+    with caplog.at_level(logging.ERROR, logger="registryd.service"):
+        err = await error_of(client, "list", b"{}")
+    monkeypatch.undo()
+    assert err.code == 500 and "a bug" not in err.message
+    match = re.search(r"request id ([0-9a-f]+)", err.message)
+    assert match, err.message
+    assert any(match.group(1) in r.getMessage() for r in caplog.records)
+    assert await client.call("list") == []
 
 
 async def test_an_unreachable_database_is_503_and_service_resumes_by_itself(
