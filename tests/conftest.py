@@ -67,6 +67,26 @@ def nats_url(servers_dir: Path) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture
+def nats_with(tmp_path: Path) -> Iterator[Callable[[str], embedded.NatsServer]]:
+    """Start nats-servers of this test with a config file; all stopped after it."""
+    started: list[embedded.NatsServer] = []
+
+    def start(config: str) -> embedded.NatsServer:
+        directory = tmp_path / f"nats-{len(started)}"
+        directory.mkdir()
+        conf = directory / "nats.conf"
+        conf.write_text(config)
+        # -c goes with start_nats's own flags: loopback, a free port, JetStream.
+        server = embedded.start_nats(directory, extra_args=["-c", str(conf)])
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def pg_url(servers_dir: Path) -> Iterator[str]:
     given = os.environ.get("REGISTRY_TEST_DATABASE_URL")

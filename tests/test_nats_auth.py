@@ -21,7 +21,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,26 +36,6 @@ from daemon import embedded
 from tests.support import Client, Registryd, eventually
 
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def nats_with(tmp_path: Path) -> Iterator[Callable[[str], embedded.NatsServer]]:
-    """Start nats-servers of this test with a config file; all stopped after it."""
-    started: list[embedded.NatsServer] = []
-
-    def start(config: str) -> embedded.NatsServer:
-        directory = tmp_path / f"nats-{len(started)}"
-        directory.mkdir()
-        conf = directory / "nats.conf"
-        conf.write_text(config)
-        # -c goes with start_nats's own flags: loopback, a free port, JetStream.
-        server = embedded.start_nats(directory, extra_args=["-c", str(conf)])
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 async def serves(
