@@ -48,6 +48,10 @@ class Daemon:
         self.notifier = Notifier(env if env is not None else os.environ)
         self.db: db.Database | None = None
         self.nc: NATS | None = None
+        # Published heartbeats arrive on a connection of their own: a flood of
+        # them, beyond what we take in, backs up there (and at worst gets that
+        # connection cut off by nats-server), not in front of routers' requests.
+        self.heartbeat_nc: NATS | None = None
         self.service: RegistryService | None = None
         self.delivery: Delivery | None = None
         self.heartbeats: Heartbeats | None = None
@@ -63,6 +67,7 @@ class Daemon:
         self.db = await db.connect(s)
         log.info("database ready, schema applied")
         self.nc = await connect_nats(s)
+        self.heartbeat_nc = await connect_nats(s, "heartbeats")
         events = Events(self.nc, s.subject_prefix)
         intents = IntentStore(self.nc, s)
         await ensure_stream(intents)
@@ -70,7 +75,7 @@ class Daemon:
         ctx = Context(
             settings=s, db=self.db, events=events, intents=intents, heartbeats=self.heartbeats
         )
-        self.service = RegistryService(self.nc, ctx)
+        self.service = RegistryService(self.nc, ctx, heartbeat_nc=self.heartbeat_nc)
         self._spawn("heartbeat-writer", self.heartbeats.run)
         await self.service.start()
         self._spawn("health-sweep", Sweep(s, self.db, events, intents).run)
@@ -107,6 +112,8 @@ class Daemon:
             if (
                 self.nc is not None
                 and not self.nc.is_closed
+                and self.heartbeat_nc is not None
+                and not self.heartbeat_nc.is_closed
                 and self.db is not None
                 and not self.db.pool.is_closing()
             ):
@@ -138,12 +145,13 @@ class Daemon:
             await self.delivery.stop()
         if self.heartbeats is not None:
             await self.heartbeats.flush(wait=self.settings.db_timeout)
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception as exc:
-                log.warning("NATS drain failed (%s); closing", exc)
-                await self.nc.close()
+        for nc in (self.heartbeat_nc, self.nc):
+            if nc is not None and not nc.is_closed:
+                try:
+                    await nc.drain()
+                except Exception as exc:
+                    log.warning("NATS drain failed (%s); closing", exc)
+                    await nc.close()
         if self.db is not None:
             await self.db.close()
         log.info("stopped")
@@ -262,15 +270,18 @@ class Drops:
         self._flush = asyncio.get_running_loop().call_later(self._every, self._report)
 
 
-async def connect_nats(s: Settings) -> NATS:
+async def connect_nats(s: Settings, purpose: str = "") -> NATS:
+    """A connection that reconnects for ever; `purpose` names a second one in logs."""
     drops = Drops()
+    which = f"NATS ({purpose})" if purpose else "NATS"
 
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
-            log.warning("NATS connection lost; reconnecting")
+            log.warning("%s connection lost; reconnecting", which)
 
     async def reconnected() -> None:
-        log.info("NATS reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        where = nc.connected_url.netloc if nc.connected_url else "?"
+        log.info("%s reconnected to %s", which, where)
 
     async def error(exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -282,13 +293,16 @@ async def connect_nats(s: Settings) -> NATS:
         log.warning("NATS: %s", exc or type(exc).__name__)
 
     async def closed() -> None:
-        log.info("NATS connection closed")
+        log.info("%s connection closed", which)
 
     delay = 0.2
     while True:
         try:
+            options = nats_options(s)
+            if purpose:
+                options["name"] += f" ({purpose})"
             nc = await nats.connect(
-                **nats_options(s),
+                **options,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
                 connect_timeout=5,

@@ -104,6 +104,7 @@ class RegistryEndpoint(Endpoint):
     def __init__(
         self,
         service: Service,
+        client: NATS,
         op: Operation[Any],
         subject: str,
         ctx: Context,
@@ -121,6 +122,7 @@ class RegistryEndpoint(Endpoint):
                 metadata={"description": op.description} if op.description else None,
             ),
         )
+        self._client = client  # the service's connection, or the heartbeats'
         self._op = op
         self._ctx = ctx
         self._turns = turns
@@ -133,7 +135,7 @@ class RegistryEndpoint(Endpoint):
 
     async def _start(self) -> None:
         assert not self._subscription
-        self._subscription = await self._service._client.subscribe(
+        self._subscription = await self._client.subscribe(
             subject=self._subject,
             queue=self._queue_group,
             cb=self._dispatch,
@@ -214,7 +216,7 @@ class RegistryEndpoint(Endpoint):
     ) -> None:
         if msg.reply:
             try:
-                await self._service._client.publish(msg.reply, body, headers=headers)
+                await self._client.publish(msg.reply, body, headers=headers)
             except Exception:
                 log.warning("could not send reply for %s", self._op.name, exc_info=True)
         elapsed = time.perf_counter_ns() - started
@@ -244,7 +246,7 @@ class RegistryEndpoint(Endpoint):
             headers = dict(result.headers) or None
             result = result.body
         body = orjson.dumps(result, option=JSON_OPTIONS)
-        limit = self._service._client.max_payload
+        limit = self._client.max_payload
         if limit and len(body) > limit:
             raise TooLarge(
                 f"the reply would be {len(body)} bytes, more than NATS allows ({limit}); "
@@ -295,8 +297,10 @@ def error_reply(err: RegistryError) -> tuple[bytes, dict[str, str]]:
 class RegistryService:
     """The `registry` micro service with every operation of the contract."""
 
-    def __init__(self, nc: NATS, ctx: Context) -> None:
+    def __init__(self, nc: NATS, ctx: Context, heartbeat_nc: NATS | None = None) -> None:
         self._nc = nc
+        # Operations published at high rates (heartbeats) may have their own.
+        self._inline_nc = heartbeat_nc or nc
         self._ctx = ctx
         limit = ctx.settings.max_concurrency
         # One requester may hold a quarter of the slots: a router process with
@@ -326,6 +330,7 @@ class RegistryService:
         for op in OPERATIONS:
             endpoint = RegistryEndpoint(
                 self._service,
+                self._inline_nc if op.inline else self._nc,
                 op,
                 self.subject(op),
                 self._ctx,
@@ -337,6 +342,7 @@ class RegistryService:
             self._service._endpoints.append(endpoint)
             self._endpoints.append(endpoint)
         await self._nc.flush()
+        await self._inline_nc.flush()
 
     async def stop(self, grace: float) -> None:
         """Take no new requests, let those in progress finish (up to `grace` s)."""

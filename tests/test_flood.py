@@ -24,7 +24,7 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from daemon import service
+from daemon import embedded, service
 from daemon.app import Daemon
 from daemon.service import ERROR_CODE_HEADER
 from tests.support import MALFORMED, Client, Registryd, connect, eventually
@@ -32,15 +32,8 @@ from tests.support import MALFORMED, Client, Registryd, connect, eventually
 COUNT = 10_000
 
 
-async def test_flood_of_malformed_requests_leaves_others_served(
-    spawn: Callable[..., Awaitable[Registryd]],
-    daemon_env: dict[str, str],
-    nats_url: str,
-    pg: asyncpg.Connection,
-) -> None:
-    daemon = await spawn(env=daemon_env)
-    nc = await connect(nats_url)
-    client = Client(nc, daemon_env["REGISTRY_SUBJECT_PREFIX"])
+async def node_with_llama(daemon: Registryd, client: Client) -> dict[str, Any]:
+    """Once the daemon serves, a healthy node with a loaded replica of "llama"."""
 
     async def serving() -> bool | None:
         daemon.assert_running()
@@ -52,6 +45,19 @@ async def test_flood_of_malformed_requests_leaves_others_served(
     await eventually(serving, "the daemon to serve")
     node = await client.healthy_node("gpu-1")
     await client.replica(node, "llama")
+    return node
+
+
+async def test_flood_of_malformed_requests_leaves_others_served(
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+    nats_url: str,
+    pg: asyncpg.Connection,
+) -> None:
+    daemon = await spawn(env=daemon_env)
+    nc = await connect(nats_url)
+    client = Client(nc, daemon_env["REGISTRY_SUBJECT_PREFIX"])
+    node = await node_with_llama(daemon, client)
 
     replies: list[Msg] = []
     router_done_after: list[int] = []  # flood replies seen when each router pair ended
@@ -138,3 +144,67 @@ async def test_requests_dropped_by_nats_py_are_answered_503_and_logged_once(
     assert len(dropping) == 1, [r.getMessage() for r in dropping]
     assert f"{client.prefix}.list" in dropping[0].getMessage()
     assert await client.call("list") == []
+
+
+async def test_a_heartbeat_flood_does_not_cut_routers_off(
+    nats_with: Callable[[str], embedded.NatsServer],
+    daemon_env: dict[str, str],
+    spawn: Callable[..., Awaitable[Registryd]],
+    pg: asyncpg.Connection,
+) -> None:
+    # nats-server cuts off a client whose unread backlog passes max_pending:
+    # 128 KiB here instead of 64 MiB, so a short flood does what a long one would.
+    server = nats_with("max_pending: 131072\nmax_payload: 65536\n")
+    env = daemon_env | {"REGISTRY_NATS_URL": server.url}
+    daemon = await spawn(env=env)
+    router_nc = await connect(server.url)
+    worker_nc = await connect(server.url)
+    client = Client(router_nc, env["REGISTRY_SUBJECT_PREFIX"])
+    node = await node_with_llama(daemon, client)
+    subject = f"{client.prefix}.heartbeat.{node['id']}"
+
+    flooding = True
+
+    async def flood() -> None:
+        # A worker gone wrong: heartbeats as fast as this process can send them.
+        i = 0
+        while flooding:
+            for _ in range(1000):
+                await worker_nc.publish(subject, orjson.dumps({"available_vram": i}))
+                i += 1
+            await worker_nc.flush()
+
+    flooder = asyncio.create_task(flood())
+    try:
+        # The heartbeats' connection is the one nats-server cuts off...
+        await eventually(
+            lambda: _true_if("NATS (heartbeats) connection lost" in daemon.output()),
+            "the heartbeats' connection to be cut off",
+        )
+        # ...while routers are served all along.
+        for _ in range(20):
+            got = await client.call("findlock", model="llama")
+            await client.call("inflight_dec", node_id=node["id"], model="llama", replica_index=0)
+            assert got["node"]["id"] == node["id"]
+    finally:
+        flooding = False
+        await flooder
+
+    assert "NATS connection lost" not in daemon.output(), daemon.output()
+
+    # Once the flood is over, the heartbeats' connection is back and the latest
+    # reading of the node reaches the database.
+    async def latest_written() -> bool | None:
+        await worker_nc.publish(subject, orjson.dumps({"available_vram": 424242}))
+        await worker_nc.flush()
+        vram = await pg.fetchval("SELECT available_vram FROM nodes WHERE id = $1", node["id"])
+        return True if vram == 424242 else None
+
+    await eventually(latest_written, "a heartbeat after the flood to be written")
+    daemon.assert_running()
+    await router_nc.close()
+    await worker_nc.close()
+
+
+async def _true_if(condition: bool) -> bool | None:
+    return True if condition else None
