@@ -105,6 +105,18 @@ class Client:
         return listener
 
 
+async def every_page(client: Client, op: str, /, **fields: Any) -> list[list[Any]]:
+    """Each page of a list operation, following Registry-Next to the end."""
+    pages: list[list[Any]] = []
+    while True:
+        items, headers = await client.call_with_headers(op, **fields)
+        pages.append(items)
+        if "Registry-Next" not in headers:
+            return pages
+        assert len(pages) < 10, "paging does not end"
+        fields["after"] = headers["Registry-Next"]
+
+
 def parse(reply: Msg) -> Any:
     headers = dict(reply.headers or {})
     body = orjson.loads(reply.data) if reply.data else None

@@ -30,6 +30,7 @@ from tests.support import (
     connect,
     cooldowns,
     drained_for,
+    every_page,
     fails,
     next_for,
     parse,
@@ -1056,15 +1057,7 @@ async def test_list_paging(client: Client, extras: bool) -> None:
         await client.register(name)
     everything = await client.call("list", extras=extras)
 
-    pages: list[list[Any]] = []
-    fields: dict[str, Any] = {"limit": 2, "extras": extras}
-    while True:
-        items, headers = await client.call_with_headers("list", **fields)
-        pages.append(items)
-        if "Registry-Next" not in headers:
-            break
-        assert len(pages) < 10, "paging does not end"
-        fields["after"] = headers["Registry-Next"]
+    pages = await every_page(client, "list", limit=2, extras=extras)
 
     assert [len(p) for p in pages] == [2, 2, 1]
     assert [n for p in pages for n in p] == everything

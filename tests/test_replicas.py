@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.support import Client, drained_for, fails, next_for
+from tests.support import Client, drained_for, every_page, fails, next_for
 
 INVALIDATE = "prefixcache.invalidate"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -196,15 +196,7 @@ async def test_node_models_paging(client: Client) -> None:
         await client.replica(node["id"], model, index)
     everything = await client.call("node_models", node_id=node["id"])
 
-    pages: list[list[Any]] = []
-    fields: dict[str, Any] = {"node_id": node["id"], "limit": 2}
-    while True:
-        items, headers = await client.call_with_headers("node_models", **fields)
-        pages.append(items)
-        if "Registry-Next" not in headers:
-            break
-        assert len(pages) < 10, "paging does not end"
-        fields["after"] = headers["Registry-Next"]
+    pages = await every_page(client, "node_models", node_id=node["id"], limit=2)
 
     assert [len(p) for p in pages] == [2, 2, 1]
     assert [r for p in pages for r in p] == everything
