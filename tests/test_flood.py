@@ -177,10 +177,10 @@ async def test_a_heartbeat_flood_does_not_cut_routers_off(
     flooder = asyncio.create_task(flood())
     try:
         # The heartbeats' connection is the one nats-server cuts off...
-        await eventually(
-            lambda: _true_if("NATS (heartbeats) connection lost" in daemon.output()),
-            "the heartbeats' connection to be cut off",
-        )
+        async def cut_off() -> bool | None:
+            return "NATS (heartbeats) connection lost" in daemon.output() or None
+
+        await eventually(cut_off, "the heartbeats' connection to be cut off")
         # ...while routers are served all along.
         for _ in range(20):
             got = await client.call("findlock", model="llama")
@@ -204,7 +204,3 @@ async def test_a_heartbeat_flood_does_not_cut_routers_off(
     daemon.assert_running()
     await router_nc.close()
     await worker_nc.close()
-
-
-async def _true_if(condition: bool) -> bool | None:
-    return True if condition else None

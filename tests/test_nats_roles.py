@@ -7,7 +7,7 @@ router may pick replicas but not approve; an admin may do anything.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,13 @@ PASSWORDS = {
 
 
 @pytest.fixture
-def roles_nats(tmp_path: Path) -> Iterator[embedded.NatsServer]:
+def roles_nats(nats_with: Callable[[str], embedded.NatsServer]) -> embedded.NatsServer:
     # The example's roles as shipped; its listen address and JetStream store
     # give way to a free port and a directory of this test's (start_nats's flags).
     text = CONF.read_text()
     text = re.sub(r"(?m)^listen: .*$", "", text)
     text = re.sub(r"(?ms)^jetstream \{.*?^\}", "", text)
-    conf = tmp_path / "nats-server.conf"
-    conf.write_text(text)
-    server = embedded.start_nats(tmp_path / "nats", extra_args=["-c", str(conf)])
-    yield server
-    server.stop()
+    return nats_with(text)
 
 
 async def as_user(server: embedded.NatsServer, user: str) -> Client:
