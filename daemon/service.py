@@ -169,21 +169,28 @@ class RegistryEndpoint(Endpoint):
         try:
             request = self._check(msg)
         except Exception as exc:
-            await self._finish(msg, started, *self._failed(msg, self._internal(exc)))
+            await self._finish(msg, started, *self._failed(self._internal(exc)))
             return None
         return lambda: self._handle(msg, request, started)
 
     async def overloaded(self, msg: Msg) -> None:
         self._num_requests += 1
         err = Unavailable("too many requests waiting; retry later")
-        await self._finish(msg, time.perf_counter_ns(), *self._failed(msg, err))
+        await self._finish(msg, time.perf_counter_ns(), *self._failed(err))
 
     async def _handle(self, msg: Msg, request: Request, started: int) -> None:
         try:
             body, headers = await self._answer(request)
             self._health.ok()
         except Exception as exc:
-            body, headers = self._failed(msg, self._internal(exc))
+            err = self._internal(exc)
+            # What the handlers meet (the database away, a wrong token) is
+            # worth an operator's attention; a bad or shed request is not.
+            if isinstance(err, Unavailable):
+                self._health.unavailable(err.message)
+            elif isinstance(err, Unauthorized):
+                self._refusals.note(self._op.name, err, source_of(msg))
+            body, headers = self._failed(err)
         await self._finish(msg, started, body, headers)
 
     def _internal(self, exc: Exception) -> RegistryError:
@@ -202,13 +209,9 @@ class RegistryEndpoint(Endpoint):
         )
         return RegistryError(f"internal error (request id {request_id})")
 
-    def _failed(self, msg: Msg, err: RegistryError) -> tuple[bytes, dict[str, str]]:
+    def _failed(self, err: RegistryError) -> tuple[bytes, dict[str, str]]:
         self._num_errors += 1
         self._last_error = f"{err.code}:{err.message}"
-        if isinstance(err, Unavailable):
-            self._health.unavailable(err.message)
-        elif isinstance(err, Unauthorized):
-            self._refusals.note(self._op.name, err, source_of(msg))
         return error_reply(err)
 
     async def _finish(

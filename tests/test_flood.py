@@ -14,6 +14,7 @@ requests must still hear back (503), and the log must not get a line for each.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from daemon import embedded, service
+from daemon import embedded, service, turns
 from daemon.app import Daemon
 from daemon.service import ERROR_CODE_HEADER
 from tests.support import MALFORMED, Client, Registryd, connect, eventually
@@ -204,3 +205,35 @@ async def test_a_heartbeat_flood_does_not_cut_routers_off(
     daemon.assert_running()
     await router_nc.close()
     await worker_nc.close()
+
+
+async def test_requests_shed_past_the_backlog_get_503_without_an_outage_in_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 5 requests may wait for their turn instead of 100,000.
+    monkeypatch.setattr(service, "Turns", functools.partial(turns.Turns, backlog=5))
+    caplog.set_level(logging.INFO, logger="registryd")
+    client = await clients(await start_daemon())
+    nc = client.nc
+    codes: Counter[str] = Counter()
+    all_in = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        codes[dict(msg.headers or {}).get(ERROR_CODE_HEADER, "ok")] += 1
+        if codes.total() == 500:
+            all_in.set()
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    for i in range(500):
+        await nc.publish(f"{client.prefix}.list", b"{}", reply=f"{inbox}.{i}")
+    await nc.flush()
+    await asyncio.wait_for(all_in.wait(), 60)
+
+    assert set(codes) == {"ok", "503"}, codes
+    # Shedding load is not the database going away: no outage logged for it.
+    assert not [r for r in caplog.records if "requests get 503" in r.getMessage()]
+    assert await client.call("list") == []
