@@ -33,6 +33,25 @@ from tests.support import MALFORMED, Client, Registryd, connect, eventually
 COUNT = 10_000
 
 
+async def burst_of_lists(client: Client, count: int) -> list[Msg]:
+    """Send `count` list requests in one go; every reply, once all are in."""
+    replies: list[Msg] = []
+    all_in = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(msg)
+        if len(replies) == count:
+            all_in.set()
+
+    inbox = client.nc.new_inbox()
+    await client.nc.subscribe(inbox + ".*", cb=on_reply)
+    for i in range(count):
+        await client.nc.publish(f"{client.prefix}.list", b"{}", reply=f"{inbox}.{i}")
+    await client.nc.flush()
+    await asyncio.wait_for(all_in.wait(), 60)
+    return replies
+
+
 async def node_with_llama(daemon: Registryd, client: Client) -> dict[str, Any]:
     """Once the daemon serves, a healthy node with a loaded replica of "llama"."""
 
@@ -118,22 +137,7 @@ async def test_requests_dropped_by_nats_py_are_answered_503_and_logged_once(
     monkeypatch.setattr(service, "PENDING_MSGS", 20)
     caplog.set_level(logging.WARNING, logger="registryd")
     client = await clients(await start_daemon())
-    nc = client.nc
-
-    replies: list[Msg] = []
-    all_in = asyncio.Event()
-
-    async def on_reply(msg: Msg) -> None:
-        replies.append(msg)
-        if len(replies) == 2_000:
-            all_in.set()
-
-    inbox = nc.new_inbox()
-    await nc.subscribe(inbox + ".*", cb=on_reply)
-    for i in range(2_000):
-        await nc.publish(f"{client.prefix}.list", b"{}", reply=f"{inbox}.{i}")
-    await nc.flush()
-    await asyncio.wait_for(all_in.wait(), 60)
+    replies = await burst_of_lists(client, 2_000)
 
     # Every request heard back: served, or told at once that it was not.
     codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
@@ -217,21 +221,8 @@ async def test_requests_shed_past_the_backlog_get_503_without_an_outage_in_the_l
     monkeypatch.setattr(service, "Turns", functools.partial(turns.Turns, backlog=5))
     caplog.set_level(logging.INFO, logger="registryd")
     client = await clients(await start_daemon())
-    nc = client.nc
-    codes: Counter[str] = Counter()
-    all_in = asyncio.Event()
-
-    async def on_reply(msg: Msg) -> None:
-        codes[dict(msg.headers or {}).get(ERROR_CODE_HEADER, "ok")] += 1
-        if codes.total() == 500:
-            all_in.set()
-
-    inbox = nc.new_inbox()
-    await nc.subscribe(inbox + ".*", cb=on_reply)
-    for i in range(500):
-        await nc.publish(f"{client.prefix}.list", b"{}", reply=f"{inbox}.{i}")
-    await nc.flush()
-    await asyncio.wait_for(all_in.wait(), 60)
+    replies = await burst_of_lists(client, 500)
+    codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
 
     assert set(codes) == {"ok", "503"}, codes
     # Shedding load is not the database going away: no outage logged for it.
