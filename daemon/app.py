@@ -73,7 +73,12 @@ class Daemon:
         await ensure_stream(intents)
         self.heartbeats = Heartbeats(self.db)
         ctx = Context(
-            settings=s, db=self.db, events=events, intents=intents, heartbeats=self.heartbeats
+            settings=s,
+            db=self.db,
+            events=events,
+            intents=intents,
+            heartbeats=self.heartbeats,
+            max_reply=self.nc.max_payload or 1024 * 1024,
         )
         self.service = RegistryService(self.nc, ctx, heartbeat_nc=self.heartbeat_nc)
         self._spawn("heartbeat-writer", self.heartbeats.run)

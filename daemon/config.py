@@ -50,6 +50,13 @@ class Settings(BaseModel):
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    # The connection that reads and writes the intent stream and delivers
+    # intents to workers may log in as a NATS user of its own (see
+    # systemd/nats-server.conf): unset, it uses the settings above.
+    nats_intents_creds: Path | None = None
+    nats_intents_nkey: SecretStr | None = None
+    nats_intents_user: str | None = None
+    nats_intents_password: SecretStr | None = None
     # PostgreSQL
     database_url: SecretStr = SecretStr("postgresql:///registry")
     db_pool_size: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -62,6 +69,12 @@ class Settings(BaseModel):
     auto_approve: bool = False
     max_payload: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
     max_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    # Replies go only to subjects under these prefixes (comma-separated).
+    reply_prefixes: str = "_INBOX."
+    # Labels a node may have, automatic ones included.
+    max_labels: Annotated[int, Field(ge=4, le=10_000)] = 64
+    # Node ids whose heartbeats are kept while the database is away.
+    heartbeat_buffer: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     # Background work
     check_interval: Seconds = 15.0
     stale_after: Seconds = 60.0
@@ -105,6 +118,17 @@ class Settings(BaseModel):
             raise ValueError("must be NATS subject tokens separated by dots, without wildcards")
         return value
 
+    @field_validator("reply_prefixes")
+    @classmethod
+    def _reply_prefixes(cls, value: str) -> str:
+        prefixes = split_list(value)
+        if not prefixes:
+            raise ValueError("give at least one reply subject prefix, e.g. _INBOX.")
+        for prefix in prefixes:
+            if any(c in prefix for c in " \t\r\n*>") or prefix.startswith("."):
+                raise ValueError(f"not a subject prefix: {prefix!r}")
+        return value
+
     @field_validator("stream")
     @classmethod
     def _stream(cls, value: str) -> str:
@@ -123,6 +147,14 @@ class Settings(BaseModel):
     @property
     def servers(self) -> list[str]:
         return nats_servers(self.nats_url)
+
+    @property
+    def reply_prefix_list(self) -> tuple[str, ...]:
+        return tuple(split_list(self.reply_prefixes))
+
+
+def split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def nats_servers(value: str) -> list[str]:

@@ -129,6 +129,9 @@ class Context:
     intents: IntentStore
     heartbeats: Heartbeats
     state: dict[str, Any] = field(default_factory=dict)
+    # The largest reply body NATS carries on the request connection (its
+    # server's max_payload): a page of a list is cut to fit it.
+    max_reply: int = 1024 * 1024
 
 
 M = TypeVar("M", bound=Request)
