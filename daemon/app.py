@@ -71,7 +71,7 @@ class Daemon:
         events = Events(self.nc, s.subject_prefix)
         intents = IntentStore(self.nc, s)
         await ensure_stream(intents)
-        self.heartbeats = Heartbeats(self.db)
+        self.heartbeats = Heartbeats(self.db, limit=s.heartbeat_buffer)
         ctx = Context(
             settings=s,
             db=self.db,

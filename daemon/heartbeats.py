@@ -8,21 +8,29 @@ registry writes a lone heartbeat at once; a busy one writes thousands per
 statement.
 
 While the database is unreachable, readings are kept (still the latest per
-node, so memory is bounded by the number of nodes) and written when it returns:
-a heartbeat published during an outage is applied after it, not dropped. A
-heartbeat that asked for a reply gets it once its batch is written (404 for an
-unknown node), or a 503 after REGISTRY_DB_TIMEOUT.
+node) and written when it returns: a heartbeat published during an outage is
+applied after it, not dropped. A heartbeat that asked for a reply gets it once
+its batch is written (404 for an unknown node), or a 503 after
+REGISTRY_DB_TIMEOUT.
+
+Anyone may publish on registry.heartbeat.<anything>, so the readings kept are
+bounded by node id (REGISTRY_HEARTBEAT_BUFFER), not by what clients send: with
+the buffer full, a reading for a node id not in it is dropped and counted (a
+503 if it asked for a reply), while the nodes already kept still get their
+newer readings. Drops are logged at most once a minute, with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.db import Database
 from daemon.errors import Unavailable, classify
+from daemon.logs import Throttle
 
 log = logging.getLogger("registryd.heartbeats")
 
@@ -70,35 +78,67 @@ class Reading:
 
 
 class Heartbeats:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, limit: int) -> None:
         self._db = db
+        self._limit = limit  # node ids kept at most, pending and being written
         self._pending: dict[str, Reading] = {}
+        # The batch being written: its ids still count against the limit, as
+        # it goes back into _pending if the write fails.
+        self._writing: dict[str, Reading] = {}
+        self._overlap = 0  # ids both being written and pending again
         self._wake = asyncio.Event()
         self._failing: str | None = None
-        self.written = 0  # readings written, for the benchmark and the logs
+        self._dropped = 0
+        self._drops = Throttle()
 
-    def submit(self, node_id: str, values: dict[str, Any]) -> None:
-        """Queue a reading, to be written with the next batch."""
+    @property
+    def buffered(self) -> int:
+        """Node ids whose readings are kept: waiting, or being written."""
+        return len(self._pending) + len(self._writing) - self._overlap
+
+    @property
+    def dropped(self) -> int:
+        """Readings dropped since start because the buffer was full."""
+        return self._dropped
+
+    def submit(self, node_id: str, values: dict[str, Any]) -> bool:
+        """Queue a reading, to be written with the next batch; False if the
+        buffer is full and the reading was dropped."""
         reading = self._pending.get(node_id)
-        if reading is None:
-            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
-        else:
+        if reading is not None:
             reading.merge(values)
+        elif node_id in self._writing:
+            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
+            self._overlap += 1
+        elif self.buffered >= self._limit:
+            self._drop()
+            return False
+        else:
+            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
         self._wake.set()
+        return True
+
+    def _drop(self) -> None:
+        self._dropped += 1
+        count = self._drops.due()
+        if count is not None:
+            log.warning(
+                "heartbeat buffer full (%d node ids, REGISTRY_HEARTBEAT_BUFFER): "
+                "%d heartbeat(s) for other node ids dropped",
+                self._limit,
+                count,
+            )
 
     async def write(self, node_id: str, values: dict[str, Any], wait: float) -> bool:
         """Queue a reading and wait until it is written: whether the node exists."""
-        self.submit(node_id, values)
+        if not self.submit(node_id, values):
+            raise Unavailable("heartbeat buffer full while the database catches up, retry later")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[node_id].waiters.append(future)
         try:
             return await asyncio.wait_for(asyncio.shield(future), wait)
         except TimeoutError:
             raise Unavailable("database unavailable, retry later") from None
-
-    @property
-    def backlog(self) -> int:
-        return len(self._pending)
 
     async def run(self) -> None:
         """The writer: a batch per statement, for as long as the daemon runs."""
@@ -127,9 +167,10 @@ class Heartbeats:
                     delay = min(delay * 2, 2.0)
 
     async def _flush_once(self) -> None:
-        batch = dict(list(self._pending.items())[:MAX_BATCH])
+        batch = dict(itertools.islice(self._pending.items(), MAX_BATCH))
         for node_id in batch:
             del self._pending[node_id]
+        self._writing = batch
         try:
             ids = list(batch)
             rows = await self._db.fetch(
@@ -144,10 +185,14 @@ class Heartbeats:
                     reading.waiters.extend(newer.waiters)
                 self._pending[node_id] = reading
             raise
+        finally:
+            self._writing = {}
+            self._overlap = 0
         if self._failing is not None:
-            log.info("database reachable again: heartbeats written")
+            held = self._drops.held()
+            more = f" ({held} more dropped while the buffer was full)" if held else ""
+            log.info("database reachable again: heartbeats written%s", more)
             self._failing = None
-        self.written += len(batch)
         found = {r[0] for r in rows}
         for node_id, reading in batch.items():
             for waiter in reading.waiters:

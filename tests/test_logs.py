@@ -138,3 +138,20 @@ def test_the_json_formatter_stays_one_line_per_record() -> None:
     record = orjson.loads(line)
     assert record["message"] == f"refused {text}"
     assert "ValueError: first" in record["exception"]
+
+
+def test_a_throttle_says_the_first_at_once_then_once_a_minute_with_a_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttle = logs.Throttle(every=60)
+    reported = []
+    for step in (0, 1, 2, 30, 61, 62, 200):  # seconds since the first
+        clock[0] = 1000.0 + step
+        reported.append(throttle.due())
+    assert reported == [1, None, None, None, 4, None, 2]
+    clock[0] += 1
+    assert throttle.due() is None
+    assert throttle.held() == 1  # said by a closing line...
+    assert throttle.held() == 0  # ...and not again
