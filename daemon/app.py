@@ -52,6 +52,10 @@ class Daemon:
         # them, beyond what we take in, backs up there (and at worst gets that
         # connection cut off by nats-server), not in front of routers' requests.
         self.heartbeat_nc: NATS | None = None
+        # The intent stream (JetStream) and the requests that deliver intents
+        # to workers use a third, which never answers a request: the one that
+        # does needs no JetStream rights at all (systemd/nats-server.conf).
+        self.intents_nc: NATS | None = None
         self.service: RegistryService | None = None
         self.delivery: Delivery | None = None
         self.heartbeats: Heartbeats | None = None
@@ -68,8 +72,9 @@ class Daemon:
         log.info("database ready, schema applied")
         self.nc = await connect_nats(s)
         self.heartbeat_nc = await connect_nats(s, "heartbeats")
+        self.intents_nc = await connect_nats(s, "intents")
         events = Events(self.nc, s.subject_prefix)
-        intents = IntentStore(self.nc, s)
+        intents = IntentStore(self.intents_nc, s)
         await ensure_stream(intents)
         self.heartbeats = Heartbeats(self.db, limit=s.heartbeat_buffer)
         ctx = Context(
@@ -84,7 +89,7 @@ class Daemon:
         self._spawn("heartbeat-writer", self.heartbeats.run)
         await self.service.start()
         self._spawn("health-sweep", Sweep(s, self.db, events, intents).run)
-        self.delivery = Delivery(self.nc, s, self.db, intents, events)
+        self.delivery = Delivery(self.intents_nc, s, self.db, intents, events)
         self._spawn("intent-delivery", self.delivery.run)
         if self.notifier.watchdog_interval:
             self._spawn("watchdog", self._watchdog)
@@ -114,11 +119,9 @@ class Daemon:
         # A NATS or database outage does not: restarting would not end it.
         assert self.notifier.watchdog_interval
         while True:
+            connections = (self.nc, self.heartbeat_nc, self.intents_nc)
             if (
-                self.nc is not None
-                and not self.nc.is_closed
-                and self.heartbeat_nc is not None
-                and not self.heartbeat_nc.is_closed
+                all(nc is not None and not nc.is_closed for nc in connections)
                 and self.db is not None
                 and not self.db.pool.is_closing()
             ):
@@ -150,7 +153,7 @@ class Daemon:
             await self.delivery.stop()
         if self.heartbeats is not None:
             await self.heartbeats.flush(wait=self.settings.db_timeout)
-        for nc in (self.heartbeat_nc, self.nc):
+        for nc in (self.heartbeat_nc, self.intents_nc, self.nc):
             if nc is not None and not nc.is_closed:
                 try:
                     await nc.drain()
@@ -197,21 +200,27 @@ async def run(settings: Settings) -> int:
 # ---------------------------------------------------------------- NATS
 
 
-def nats_options(s: Settings) -> dict[str, Any]:
-    """Connection options for the daemon and for `registryd call` alike."""
+def nats_options(s: Settings, *, intents: bool = False) -> dict[str, Any]:
+    """Connection options for the daemon and for `registryd call` alike;
+    `intents` for the daemon's intents connection, which may be another user."""
     opts: dict[str, Any] = {"servers": s.servers, "name": "registryd"}
-    if s.nats_creds:
-        opts["user_credentials"] = str(s.nats_creds)
-    if s.nats_nkey:
-        seed = s.nats_nkey.get_secret_value()
+    own = intents and any((s.nats_intents_creds, s.nats_intents_nkey, s.nats_intents_user))
+    creds = s.nats_intents_creds if own else s.nats_creds
+    nkey = s.nats_intents_nkey if own else s.nats_nkey
+    user = s.nats_intents_user if own else s.nats_user
+    password = s.nats_intents_password if own else s.nats_password
+    if creds:
+        opts["user_credentials"] = str(creds)
+    if nkey:
+        seed = nkey.get_secret_value()
         if Path(seed).is_file():
             opts["nkeys_seed"] = seed
         else:
             opts["nkeys_seed_str"] = seed
-    if s.nats_user:
-        opts["user"] = s.nats_user
-    if s.nats_password:
-        opts["password"] = s.nats_password.get_secret_value()
+    if user:
+        opts["user"] = user
+    if password:
+        opts["password"] = password.get_secret_value()
     if s.nats_token:
         opts["token"] = s.nats_token.get_secret_value()
     if s.nats_tls_ca or s.nats_tls_cert:
@@ -291,7 +300,7 @@ async def connect_nats(s: Settings, purpose: str = "") -> NATS:
     async def error(exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             drops.note(exc.sub.subject if exc.sub else exc.subject)
-            if exc.reply:
+            if exc.reply and exc.reply.startswith(s.reply_prefix_list):
                 body, headers = error_reply(Unavailable("the registry is overloaded; retry later"))
                 await nc.publish(exc.reply, body, headers=headers)
             return
@@ -303,7 +312,7 @@ async def connect_nats(s: Settings, purpose: str = "") -> NATS:
     delay = 0.2
     while True:
         try:
-            options = nats_options(s)
+            options = nats_options(s, intents=purpose == "intents")
             if purpose:
                 options["name"] += f" ({purpose})"
             nc = await nats.connect(

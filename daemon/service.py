@@ -1,15 +1,22 @@
-"""The NATS edge: one `nats.micro` service, one endpoint per operation.
+"""The NATS edge: the `registry` service of ADR-32, one endpoint per operation.
 
-Two things here differ from a plain `service.add_endpoint(handler)`:
+We speak the ADR-32 service protocol ourselves rather than through nats.micro:
+the protocol is three verbs on `$SRV.*`, and owning it lets every reply, the
+verbs' own included, go through one check of its reply subject. A reply is
+published with the daemon's NATS rights, so a request whose reply subject is
+not an inbox (`registry.approve`, `$JS.API.STREAM.DELETE.…`) would make the
+daemon act for the requester with rights the requester lacks. Such a request
+is not answered at all: it is counted as an error and logged, at most once a
+minute (REGISTRY_REPLY_PREFIXES says what an inbox is).
+
+Two more things differ from a plain micro endpoint:
 
 * nats-py delivers a subscription's messages to its callback one at a time, so a
   handler that awaits SQL would serialise every request on that endpoint. Our
-  endpoints hand each message to its own task instead, bounded by one semaphore
-  (REGISTRY_MAX_CONCURRENCY) so a flood queues in NATS rather than in memory.
-* nats.micro replies to a raised ServiceError with headers only and to anything
-  else with repr(exc). The contract wants a JSON error body too and never an
-  internal detail, so our endpoints reply themselves and keep the statistics that
-  $SRV.STATS reports (requests, errors, processing time) as the library would.
+  endpoints hand each message to the turns (daemon/turns.py), which start a task
+  per request, bounded by REGISTRY_MAX_CONCURRENCY.
+* The contract wants a JSON error body beside the ADR-32 error headers, and
+  never an internal detail, so the endpoints build every reply themselves.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
+from nats.aio.subscription import Subscription
+from nats.nuid import NUID
 from pydantic import ValidationError
 
 from daemon import __version__
@@ -92,56 +103,121 @@ class Refusals:
         log.warning("refused %s for %s from %s: %s%s", op, err.who, source, err.why, more)
 
 
+class Misdirected:
+    """Logs requests refused for their reply subject: the first at once, then
+    at most one line per `every` seconds counting those in between.
+
+    One line per request would let a flood of them fill the log; one line in
+    all would hide that it goes on.
+    """
+
+    def __init__(self, every: float = 60.0) -> None:
+        self._every = every
+        self._last = -every
+        self._held = 0
+
+    def note(self, where: str, reply: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._held += 1
+            return
+        more = f" ({self._held} more since the last line)" if self._held else ""
+        log.warning(
+            "refused a request on %s: its reply subject %r is not under "
+            "REGISTRY_REPLY_PREFIXES, and the daemon publishes replies nowhere else%s",
+            where,
+            reply,
+            more,
+        )
+        self._last, self._held = now, 0
+
+
 def source_of(msg: Msg) -> str:
     """Where a request came from, as far as NATS tells: the requester's inbox,
     which nats-server's /connz?subs=1 maps to a connection (user, address)."""
     return f"inbox {msg.reply}" if msg.reply else "a publish without reply subject"
 
 
-class RegistryEndpoint(Endpoint):
-    """A micro endpoint that serves its requests concurrently (see module doc)."""
+@dataclass
+class Stats:
+    """An endpoint's figures for `$SRV.STATS`, as ADR-32 names them."""
+
+    num_requests: int = 0
+    num_errors: int = 0
+    last_error: str = ""
+    processing_time: int = 0  # nanoseconds, all requests together
+
+    def error(self, err: RegistryError) -> None:
+        self.num_errors += 1
+        self.last_error = f"{err.code}:{err.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        average = self.processing_time // self.num_requests if self.num_requests else 0
+        return {
+            "num_requests": self.num_requests,
+            "num_errors": self.num_errors,
+            "last_error": self.last_error,
+            "processing_time": self.processing_time,
+            "average_processing_time": average,
+        }
+
+
+class Replies:
+    """Where the daemon may publish a reply: subjects under the configured
+    prefixes (inboxes), and nowhere else."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self._prefixes = prefixes
+        self.misdirected = Misdirected()
+
+    def allowed(self, reply: str) -> bool:
+        return reply.startswith(self._prefixes)
+
+
+class RegistryEndpoint:
+    """One operation on its subject: checks, turns, handler, reply, statistics."""
 
     def __init__(
         self,
-        service: Service,
         client: NATS,
         op: Operation[Any],
         subject: str,
         ctx: Context,
         turns: Turns,
+        replies: Replies,
         health: Health,
         refusals: Refusals,
     ) -> None:
-        super().__init__(
-            service,
-            EndpointConfig(
-                name=op.name,
-                subject=subject,
-                handler=self._unused,
-                queue_group=QUEUE_GROUP,
-                metadata={"description": op.description} if op.description else None,
-            ),
-        )
+        self.name = op.name
+        self.subject = subject
+        self.stats = Stats()
         self._client = client  # the service's connection, or the heartbeats'
         self._op = op
         self._ctx = ctx
         self._turns = turns
+        self._replies = replies
         self._health = health
         self._refusals = refusals
+        self._subscription: Subscription | None = None
 
-    @staticmethod
-    async def _unused(_: Any) -> None:  # pragma: no cover - the library needs a handler
-        raise AssertionError("RegistryEndpoint dispatches messages itself")
+    def info(self) -> dict[str, Any]:
+        metadata = {"description": self._op.description} if self._op.description else None
+        return {
+            "name": self.name,
+            "subject": self.subject,
+            "queue_group": QUEUE_GROUP,
+            "metadata": metadata,
+        }
 
-    async def _start(self) -> None:
-        assert not self._subscription
+    async def start(self) -> None:
         self._subscription = await self._client.subscribe(
-            subject=self._subject,
-            queue=self._queue_group,
+            self.subject,
+            queue=QUEUE_GROUP,
             cb=self._dispatch,
             # Messages read but not yet handed to the turns (or, for published
             # heartbeats, not yet queued for writing). Past this, nats-py drops
-            # them and app.Drops answers the requests among them 503.
+            # them and the connection's error callback (daemon/app.py) answers
+            # the requests among them 503.
             pending_msgs_limit=PENDING_MSGS,
             pending_bytes_limit=256 * 1024 * 1024,
         )
@@ -152,6 +228,12 @@ class RegistryEndpoint(Endpoint):
             await self._subscription.drain()
 
     async def _dispatch(self, msg: Msg) -> None:
+        if msg.reply and not self._replies.allowed(msg.reply):
+            # Not an inbox: answering would publish there with our rights.
+            self.stats.num_requests += 1
+            self.stats.error(BadRequest("reply subject is not an inbox"))
+            self._replies.misdirected.note(msg.subject, msg.reply)
+            return
         if self._op.inline and not msg.reply:
             # Published and quick (a heartbeat is queued, not written, here): a
             # turn and a task each would cost more than the work, at thousands
@@ -165,7 +247,7 @@ class RegistryEndpoint(Endpoint):
     async def begin(self, msg: Msg) -> Work | None:
         """Check the request; answer a bad one now, else return its handling."""
         started = time.perf_counter_ns()
-        self._num_requests += 1
+        self.stats.num_requests += 1
         try:
             request = self._check(msg)
         except Exception as exc:
@@ -174,7 +256,7 @@ class RegistryEndpoint(Endpoint):
         return lambda: self._handle(msg, request, started)
 
     async def overloaded(self, msg: Msg) -> None:
-        self._num_requests += 1
+        self.stats.num_requests += 1
         err = Unavailable("too many requests waiting; retry later")
         await self._finish(msg, time.perf_counter_ns(), *self._failed(err))
 
@@ -210,8 +292,7 @@ class RegistryEndpoint(Endpoint):
         return RegistryError(f"internal error (request id {request_id})")
 
     def _failed(self, err: RegistryError) -> tuple[bytes, dict[str, str]]:
-        self._num_errors += 1
-        self._last_error = f"{err.code}:{err.message}"
+        self.stats.error(err)
         return error_reply(err)
 
     async def _finish(
@@ -222,9 +303,7 @@ class RegistryEndpoint(Endpoint):
                 await self._client.publish(msg.reply, body, headers=headers)
             except Exception:
                 log.warning("could not send reply for %s", self._op.name, exc_info=True)
-        elapsed = time.perf_counter_ns() - started
-        self._processing_time += elapsed
-        self._average_processing_time = int(self._processing_time / self._num_requests)
+        self.stats.processing_time += time.perf_counter_ns() - started
 
     def _check(self, msg: Msg) -> Request:
         op, settings = self._op, self._ctx.settings
@@ -298,7 +377,8 @@ def error_reply(err: RegistryError) -> tuple[bytes, dict[str, str]]:
 
 
 class RegistryService:
-    """The `registry` micro service with every operation of the contract."""
+    """The `registry` service: every operation of the contract, and ADR-32's
+    PING, INFO and STATS about them."""
 
     def __init__(self, nc: NATS, ctx: Context, heartbeat_nc: NATS | None = None) -> None:
         self._nc = nc
@@ -309,19 +389,14 @@ class RegistryService:
         # One requester may hold a quarter of the slots: a router process with
         # hundreds of requests in flight, while others still get theirs.
         self._turns = Turns(limit, per_requester=max(1, limit // 4))
+        self.replies = Replies(ctx.settings.reply_prefix_list)
         self._health = Health()
         self._refusals = Refusals()
-        self._service = Service(
-            nc,
-            ServiceConfig(
-                name=SERVICE_NAME,
-                version=__version__,
-                description="registryd: node and replica registry for distributed inference",
-                queue_group=QUEUE_GROUP,
-                metadata={"subject_prefix": ctx.settings.subject_prefix},
-            ),
-        )
-        self._endpoints: list[RegistryEndpoint] = []
+        self.id = NUID().next().decode()
+        self._started = datetime.now(UTC)
+        self._metadata = {"subject_prefix": ctx.settings.subject_prefix}
+        self.endpoints: list[RegistryEndpoint] = []
+        self._control: list[Subscription] = []
 
     def subject(self, op: Operation[Any]) -> str:
         base = f"{self._ctx.settings.subject_prefix}.{op.name}"
@@ -329,27 +404,91 @@ class RegistryService:
 
     async def start(self) -> None:
         self._turns.start()
-        await self._service.start()
         for op in OPERATIONS:
             endpoint = RegistryEndpoint(
-                self._service,
                 self._inline_nc if op.inline else self._nc,
                 op,
                 self.subject(op),
                 self._ctx,
                 self._turns,
+                self.replies,
                 self._health,
                 self._refusals,
             )
-            await endpoint._start()
-            self._service._endpoints.append(endpoint)
-            self._endpoints.append(endpoint)
+            await endpoint.start()
+            self.endpoints.append(endpoint)
+        verbs: dict[str, Callable[[], dict[str, Any]]] = {
+            "PING": self._ping,
+            "INFO": self._info,
+            "STATS": self._stats,
+        }
+        for verb, answer in verbs.items():
+            # Every instance answers the verbs (no queue group): `nats micro
+            # ls` lists each, and `…STATS.registry.<id>` asks one of them.
+            for subject in (
+                f"$SRV.{verb}",
+                f"$SRV.{verb}.{SERVICE_NAME}",
+                f"$SRV.{verb}.{SERVICE_NAME}.{self.id}",
+            ):
+                self._control.append(
+                    await self._nc.subscribe(subject, cb=self._control_handler(answer))
+                )
         await self._nc.flush()
         await self._inline_nc.flush()
 
+    def _control_handler(self, answer: Callable[[], dict[str, Any]]) -> Callable[[Msg], Any]:
+        async def respond(msg: Msg) -> None:
+            if not msg.reply:
+                return
+            if not self.replies.allowed(msg.reply):
+                self.replies.misdirected.note(msg.subject, msg.reply)
+                return
+            await self._nc.publish(msg.reply, orjson.dumps(answer()))
+
+        return respond
+
+    def _identity(self, kind: str) -> dict[str, Any]:
+        return {
+            "type": f"io.nats.micro.v1.{kind}_response",
+            "name": SERVICE_NAME,
+            "id": self.id,
+            "version": __version__,
+            "metadata": self._metadata,
+        }
+
+    def _ping(self) -> dict[str, Any]:
+        return self._identity("ping")
+
+    def _info(self) -> dict[str, Any]:
+        return self._identity("info") | {
+            "description": "registryd: node and replica registry for distributed inference",
+            "endpoints": [e.info() for e in self.endpoints],
+        }
+
+    def _stats(self) -> dict[str, Any]:
+        started = self._started.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+        return self._identity("stats") | {
+            "started": started,
+            "endpoints": [
+                {
+                    "name": e.name,
+                    "subject": e.subject,
+                    "queue_group": QUEUE_GROUP,
+                    **e.stats.as_dict(),
+                    "data": None,
+                }
+                for e in self.endpoints
+            ],
+        }
+
     async def stop(self, grace: float) -> None:
         """Take no new requests, let those in progress finish (up to `grace` s)."""
-        for endpoint in self._endpoints:
+        for sub in self._control:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("unsubscribe failed", exc_info=True)
+        for endpoint in self.endpoints:
             try:
                 await endpoint.drain()
             except Exception:

@@ -94,7 +94,7 @@ async def test_several_daemons_share_the_requests(
         served: list[Any] = []
         for daemon in daemons:
             assert daemon.service is not None
-            stats = {e._name: e._num_requests for e in daemon.service._endpoints}
+            stats = {e.name: e.stats.num_requests for e in daemon.service.endpoints}
             served.append(stats["list"])
         assert sum(served) == 300
         assert all(count > 0 for count in served), served

@@ -18,7 +18,7 @@ async def srv(client: Client, verb: str, daemon: Daemon) -> dict[str, Any]:
     # Address this daemon's instance by id: other test runs may share the NATS server.
     assert daemon.service is not None
     reply = await client.nc.request(
-        f"$SRV.{verb}.registry.{daemon.service._service.id}", b"", timeout=5
+        f"$SRV.{verb}.registry.{daemon.service.id}", b"", timeout=5
     )
     return orjson.loads(reply.data)
 
