@@ -11,9 +11,13 @@ the newest. So of two versions in flight at once (the daemon's own copy made
 when a node turns healthy, say) only one is delivered, and a version that shows
 a live claim is put back until the claim ends. The outcome is recorded against
 the claim: success removes the intent, failure schedules the next attempt. An
-admin's reissue drops the claim and is delivered on its own, once more. A
-daemon killed mid-request leaves its claim to expire after the request's
-timeout; then another daemon delivers the intent again.
+admin's reissue while the claim is live keeps the claim, so the worker never
+has two requests of one intent at once, and marks the intent `reissued`: when
+the outcome is recorded, the claim and the mark go and the intent is due again
+(at once, or after the install timeout if the worker is taken to be still
+installing), to be delivered once more. A daemon killed mid-request leaves its
+claim to expire after the request's timeout; then another daemon delivers the
+intent again.
 
 Worker subjects and payloads are LocalAI's (reference/subjects.go):
 nodes.<id>.backend.install {backend, backend_galleries[, force]},
@@ -215,9 +219,12 @@ class Delivery:
             await msg.nak(delay=min(wait, self._s.drain_interval))
             return
         token = uuid.uuid4().hex
+        # This delivery carries the newest version, so a reissue that waited
+        # on an expired claim is answered by it: the mark goes.
+        claimed = {k: v for k, v in intent.items() if k != "reissued"}
         try:
             await self._store.put(
-                msg.subject, intent | {"delivering": {"token": token, "since": now}}, stored.seq
+                msg.subject, claimed | {"delivering": {"token": token, "since": now}}, stored.seq
             )
         except Changed:
             await msg.ack()  # changed meanwhile: the newer version is handled instead
@@ -235,7 +242,8 @@ class Delivery:
         def unclaim(current: Stored | None) -> dict[str, Any] | None:
             if current is None or not _claimed_by(current, token):
                 return None
-            return {k: v for k, v in current.body.items() if k != "delivering"}
+            # Due as it stands: a reissue meanwhile is answered by the next delivery.
+            return _unclaimed(current)
 
         try:
             await self._store.write(subject, unclaim)
@@ -286,13 +294,7 @@ class Delivery:
     ) -> None:
         what = describe(intent)
         if outcome.kind == "ok":
-            # Remove the intent if it is still ours (a copy made meanwhile keeps
-            # our claim); an admin's reissue meanwhile stays, to go out again.
-            for _ in range(50):
-                current = await self._store.get(subject)
-                if current is None or not _claimed_by(current, token):
-                    break
-                await self._store.delete_version(current)
+            await self._done_with(subject, token)
             log.info("%s done", what)
             return
         if outcome.kind == "no_responders":
@@ -313,17 +315,28 @@ class Delivery:
             if current is None:
                 return None  # cancelled while we were delivering it
             ours = _claimed_by(current, token)
-            body = {k: v for k, v in current.body.items() if not (ours and k == "delivering")}
+            reissued = ours and bool(current.body.get("reissued"))
+            body = _unclaimed(current) if ours else dict(current.body)
             body["last_error"] = outcome.error
             if outcome.kind == "in_flight":
                 # Still installing, most likely: look again after the install
-                # timeout, and do not count it as a failed attempt.
+                # timeout, and do not count it as a failed attempt. A reissue
+                # meanwhile waits as long: asking now would give the worker a
+                # second install of this intent while it runs the first.
                 if ours:
                     body["next_retry_at"] = now + timedelta(seconds=self._s.install_timeout)
                 return body
             body["attempts"] = int(body.get("attempts", 0)) + 1
             if not ours:
-                return body  # asked for again meanwhile: it stays due now
+                # Our claim expired and another daemon took the intent over:
+                # its own outcome decides what comes next.
+                return body
+            if reissued:
+                # Asked for again while this attempt ran: it goes out once
+                # more now, whatever the count (as a reissue with no delivery
+                # going on would).
+                body["next_retry_at"] = now
+                return body
             if body["attempts"] >= self._s.max_attempts:
                 body["dead"] = True
                 abandoned = True
@@ -347,9 +360,34 @@ class Delivery:
         else:
             log.info("%s: %s", what, outcome.error)
 
+    async def _done_with(self, subject: str, token: str) -> None:
+        """Remove an intent delivered with success, unless it was reissued meanwhile."""
+        for _ in range(50):
+            current = await self._store.get(subject)
+            if current is None or not _claimed_by(current, token):
+                return  # cancelled meanwhile, or taken over once our claim expired
+            if current.body.get("reissued"):
+                # Asked for again while we delivered it: not done, due now.
+                now: datetime = await self._db.fetchval(NOW)
+                try:
+                    await self._store.put(
+                        subject, _unclaimed(current) | {"next_retry_at": now}, current.seq
+                    )
+                except Changed:
+                    continue
+                return
+            # Only this version: a copy or a reissue written meanwhile is seen
+            # on the next turn.
+            await self._store.delete_version(current)
+
 
 def _claimed_by(stored: Stored, token: str) -> bool:
     return (stored.body.get("delivering") or {}).get("token") == token
+
+
+def _unclaimed(stored: Stored) -> dict[str, Any]:
+    """The intent without its claim, nor the reissue that waited on the claim."""
+    return {k: v for k, v in stored.body.items() if k not in ("delivering", "reissued")}
 
 
 def describe(intent: dict[str, Any]) -> str:

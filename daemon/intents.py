@@ -62,6 +62,11 @@ def intent_id(node_id: str, backend: str, op: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
+# Stored with an intent, never sent: the galleries (Go's json:"-"), a daemon's
+# claim on the delivery in progress, and the mark of a reissue waiting on it.
+_INTERNAL = frozenset({"galleries", "delivering", "reissued"})
+
+
 @dataclass
 class Stored:
     """An intent as the stream holds it, with the sequence of its message."""
@@ -71,8 +76,9 @@ class Stored:
     subject: str = ""
 
     def public(self) -> dict[str, Any]:
-        """The wire's intent: not the galleries blob (Go's json:"-"), nor a claim."""
-        return {k: v for k, v in self.body.items() if k not in ("galleries", "delivering")}
+        """The wire's intent: not the galleries blob (Go's json:"-"), nor the
+        delivery's bookkeeping (its claim, a reissue waiting on that claim)."""
+        return {k: v for k, v in self.body.items() if k not in _INTERNAL}
 
 
 class Changed(Exception):

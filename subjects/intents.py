@@ -3,7 +3,8 @@
 The intent is written to JetStream (daemon/intents.py) whatever the node's
 state, and daemon/delivery.py delivers it to the worker once the node is
 healthy. Reissuing the same (node, backend, op) refreshes the one intent: it
-keeps its attempts and last error and becomes due now.
+keeps its attempts and last error and becomes due now; if it is being
+delivered, it goes out once more when that attempt ends, never alongside it.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ async def backend_op(ctx: Context, req: BackendOpRequest) -> Any:
                 "next_retry_at": now,
                 "dead": False,
             }
-        # A new request, not the one being delivered: it goes out on its own.
-        body = {k: v for k, v in current.body.items() if k != "delivering"}
-        body |= {"galleries": req.galleries, "next_retry_at": now}
+        body = current.body | {"galleries": req.galleries, "next_retry_at": now}
+        if body.get("delivering"):
+            # Being delivered: the worker gets one request of an intent at a
+            # time. The claim stays, so this version waits for the attempt to
+            # end; the mark has the delivery send it once more then.
+            body["reissued"] = True
         if body.get("dead"):
             # Abandoned before: asking again means "try again", from the start.
             body.update(dead=False, attempts=0)

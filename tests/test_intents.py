@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from daemon.app import Daemon
-from tests.support import Client, Worker, connect, fails, next_for, until
+from daemon.delivery import sanitize
+from tests.support import Client, Worker, connect, eventually, fails, next_for, until
 
 # Short intervals, so that retries and waits take fractions of a second.
 FAST = {
@@ -246,6 +250,152 @@ async def test_a_reissue_during_delivery_is_neither_lost_nor_doubled(fast: Clien
     await until(lambda: _empty(fast))
     assert [r[1]["backend_galleries"] for r in requests] == ["v1", "v2"]
     assert len(worker.requests) == 2
+
+
+class SlowWorker:
+    """A worker whose installs take `work` seconds, each in a task of its own.
+
+    nats-py runs a subscription's callbacks one after the other, which would
+    hide concurrent requests; handing each to a task lets them overlap as they
+    would on a real worker, and records when each one started and ended.
+    """
+
+    def __init__(self, client: Client, node_id: str, work: float) -> None:
+        self.client = client
+        self.node_id = node_id
+        self.work = work
+        self.spans: list[tuple[str, float, float | None]] = []  # galleries, start, end
+        self.running = 0
+        self.most_at_once = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> SlowWorker:
+        subject = f"nodes.{sanitize(self.node_id)}.backend.install"
+        await self.client.nc.subscribe(subject, cb=self._arrive)
+        await self.client.nc.flush()
+        return self
+
+    async def _arrive(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._install(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _install(self, msg: Msg) -> None:
+        index = len(self.spans)
+        galleries = orjson.loads(msg.data).get("backend_galleries", "")
+        self.spans.append((galleries, time.monotonic(), None))
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(self.work)  # installing
+        finally:
+            self.running -= 1
+            self.spans[index] = (galleries, self.spans[index][1], time.monotonic())
+        await msg.respond(orjson.dumps({"success": True}))
+
+    def ended(self) -> list[tuple[str, float, float]]:
+        return [(g, start, end) for g, start, end in self.spans if end is not None]
+
+
+async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
+    start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
+) -> None:
+    # An install timeout well past the worker's work: the first attempt is
+    # answered, not timed out, and the reissue has to wait for that answer.
+    daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
+    nc = await connect(nats_url)
+    client = Client(nc, daemon.settings.subject_prefix)
+    try:
+        node = await client.healthy_node("gpu-1")
+        worker = await SlowWorker(client, node["id"], work=1.5).start()
+        op = {"node_id": node["id"], "backend": "b", "op": "install"}
+        await client.call("backend_op", **op, galleries="v1")
+        await eventually(lambda: _started(worker, 1), "the first install to start")
+        again = await client.call("backend_op", **op, galleries="v2")
+        # The daemon's bookkeeping stays off the wire, in the reply and the list.
+        assert set(again) == WIRE_FIELDS
+        assert [set(i) for i in await intents(client)] == [WIRE_FIELDS]
+        await eventually(lambda: _ended(worker, 2), "both installs to end")
+        await until(lambda: _empty(client))
+        first, second = worker.ended()
+        assert [first[0], second[0]] == ["v1", "v2"]
+        assert worker.most_at_once == 1 and second[1] >= first[2]
+        assert len(worker.spans) == 2
+    finally:
+        await nc.close()
+
+
+WIRE_FIELDS = {
+    "id",
+    "node_id",
+    "backend",
+    "op",
+    "attempts",
+    "last_error",
+    "created_at",
+    "next_retry_at",
+    "dead",
+}
+
+
+async def _started(worker: SlowWorker, count: int) -> bool | None:
+    return True if len(worker.spans) >= count else None
+
+
+async def _ended(worker: SlowWorker, count: int) -> bool | None:
+    return True if len(worker.ended()) >= count else None
+
+
+async def test_a_failed_attempt_reissued_meanwhile_is_counted_then_delivered(
+    fast: Client,
+) -> None:
+    node = await fast.healthy_node("gpu-1")
+    worker = await Worker(fast, node["id"]).start()
+    first_gate = worker.gate = asyncio.Event()
+    worker.reply = {"success": False, "error": "disk full"}
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    await fast.call("backend_op", **op, galleries="v1")
+    await worker.wait_for(1)
+    await fast.call("backend_op", **op, galleries="v2")
+    worker.gate = asyncio.Event()  # holds the next request, not the first
+    first_gate.set()
+    # The failure is counted on the reissued intent, which goes out again.
+    requests = await worker.wait_for(2)
+    counted = await until(lambda: _one(fast, attempts=1, last_error="disk full"))
+    assert not counted["dead"]
+    worker.reply = {"success": True}
+    worker.gate.set()
+    await until(lambda: _empty(fast))
+    assert [r[1]["backend_galleries"] for r in requests] == ["v1", "v2"]
+    assert len(worker.requests) == 2
+
+
+async def test_an_intent_cancelled_during_delivery_stays_cancelled(
+    fast: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await fast.healthy_node("gpu-1")
+    worker = await Worker(fast, node["id"]).start()
+    worker.gate = asyncio.Event()
+    worker.reply = {"success": False, "error": "disk full"}
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    with caplog.at_level(logging.INFO, logger="registryd.delivery"):
+        sent = await fast.call("backend_op", **op, galleries="v1")
+        await worker.wait_for(1)
+        await fast.call("backend_op", **op, galleries="v2")  # reissued, then cancelled
+        assert await fast.call("backend_op_cancel", id=sent["id"]) == {}
+        worker.gate.set()
+        await eventually(lambda: _logged(caplog, "disk full"), "the failure to be recorded")
+    # Neither the failure nor the reissue brought the cancelled intent back.
+    assert await intents(fast, dead=True) == []
+    worker.reply = {"success": True}
+    await fast.call("backend_op", **op, galleries="v3")
+    await worker.wait_for(2)
+    await until(lambda: _empty(fast))
+    assert [r[1]["backend_galleries"] for r in worker.requests] == ["v1", "v3"]
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, needle: str) -> bool | None:
+    return True if any(needle in r.getMessage() for r in caplog.records) else None
 
 
 async def test_intents_survive_a_daemon_restart(

@@ -172,3 +172,30 @@ async def test_a_delivery_cut_short_by_kill_9_is_made_again_by_another_daemon(
     await until(lambda: _empty(client_of), timeout=30)
     # Asked once more, after the first request's timeout: not lost, not doubled.
     assert [r[0] for r in worker.requests] == ["install", "install"]
+
+
+async def test_a_reissue_of_a_delivery_cut_short_by_kill_9_goes_out_once(
+    spawn: Callable[..., Awaitable[Registryd]],
+    env: dict[str, str],
+    own_nats: OwnNats,
+    client_of: Client,
+) -> None:
+    first = await spawn(env=env)
+    await serving(client_of)
+    node = await client_of.healthy_node("gpu-1")
+    worker = await Worker(client_of, node["id"]).start()
+    worker.gate = asyncio.Event()
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    await client_of.call("backend_op", **op, galleries="v1")
+    await worker.wait_for(1)
+    first.send(signal.SIGKILL)
+    assert await first.exit_code() == -signal.SIGKILL
+    worker.gate.set()
+
+    await spawn(env=env)
+    await serving(client_of)
+    # Reissued under the dead daemon's claim: it waits for that claim to end,
+    # then goes out once, with the new galleries, and not again after that.
+    await client_of.call("backend_op", **op, galleries="v2")
+    await until(lambda: _empty(client_of), timeout=30)
+    assert [r[1]["backend_galleries"] for r in worker.requests] == ["v1", "v2"]
