@@ -28,9 +28,10 @@ from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
-log = logging.getLogger("registryd.service")
+log = logging.getLogger("registryd.turns")
 
 SLICE = 0.0005  # seconds of checking between two chances for others to run
+READ_CHUNK = 32 * 1024  # what nats-py's reader takes from the socket per turn of the loop
 
 Work = Callable[[], Coroutine[Any, Any, None]]
 
@@ -128,6 +129,14 @@ class Turns:
             if self._tasks or time.perf_counter() - sliced > SLICE:
                 await asyncio.sleep(0)
                 sliced = time.perf_counter()
+            # nats-py reads at most READ_CHUNK bytes from the socket each time
+            # the loop comes round. Checking a large body takes longer than
+            # reading it, so after one we come round twice per chunk it held
+            # (once for the reader, once for whatever else is ready): reading
+            # then keeps pace with a burst of large requests, and nats-server
+            # does not cut the daemon off as a slow consumer.
+            for _ in range(2 * len(msg.data) // READ_CHUNK):
+                await asyncio.sleep(0)
 
     def _run(self, requester: str, work: Work) -> None:
         self._running[requester] = self._running.get(requester, 0) + 1

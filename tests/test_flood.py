@@ -228,3 +228,53 @@ async def test_requests_shed_past_the_backlog_get_503_without_an_outage_in_the_l
     # Shedding load is not the database going away: no outage logged for it.
     assert not [r for r in caplog.records if "requests get 503" in r.getMessage()]
     assert await client.call("list") == []
+
+
+async def test_a_burst_of_large_requests_is_read_and_answered(
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+    nats_url: str,
+) -> None:
+    # 250 requests of ~1 MB from one client in one go: 250 MB for the daemon
+    # to read. nats-server cuts a client off whose unread backlog passes its
+    # max_pending (64 MiB), so the daemon must read as fast as it is sent to,
+    # whatever it then does with the requests.
+    daemon = await spawn(env=daemon_env)
+    nc = await connect(nats_url)
+    router = Client(await connect(nats_url), daemon_env["REGISTRY_SUBJECT_PREFIX"])
+    client = Client(nc, daemon_env["REGISTRY_SUBJECT_PREFIX"])
+    node = await node_with_llama(daemon, router)
+    count = 250
+    room = nc.max_payload - 4096
+    ids = [f"{i:060d}" for i in range(10_000)]  # 10,000 node ids: ~650 KB to check
+    labels = {f"k{i:06d}": "v" * (room // 4000 - 20) for i in range(4000)}
+    bodies = [
+        orjson.dumps({"model": "llama", "node_ids": ids}),  # checked, then served (404)
+        orjson.dumps({"name": "w", "address": "w:1", "labels": labels}),  # refused: 400
+        b"[" + b"1," * (room // 2 - 2) + b"1]",  # not an object: 400
+    ]
+    replies: list[Msg] = []
+    all_in = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(msg)
+        if len(replies) == count:
+            all_in.set()
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    for i in range(count):
+        await nc.publish(f"{client.prefix}.findlock", bodies[i % len(bodies)], reply=f"{inbox}.{i}")
+    await nc.flush()
+    # A router is served meanwhile.
+    got = await router.call("findlock", model="llama")
+    assert got["node"]["id"] == node["id"]
+    await asyncio.wait_for(all_in.wait(), 120)
+
+    codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
+    assert set(codes) <= {"ok", "400", "404", "503"}, codes
+    assert codes["400"] > 0, codes
+    assert "NATS connection lost" not in daemon.output(), daemon.output()
+    daemon.assert_running()
+    await nc.close()
+    await router.nc.close()
