@@ -278,3 +278,35 @@ async def test_a_burst_of_large_requests_is_read_and_answered(
     daemon.assert_running()
     await nc.close()
     await router.nc.close()
+
+
+async def test_a_flood_under_fresh_inboxes_is_bounded_by_the_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+) -> None:
+    # Fairness goes by the reply inbox's prefix, which the client chooses: a
+    # client that takes a fresh prefix per request is a new requester each
+    # time, so the per-requester cap does not hold it back (README, "Security
+    # model"). What does bound it is the backlog: past it, 503 at once.
+    monkeypatch.setattr(service, "Turns", functools.partial(turns.Turns, backlog=20))
+    client = await clients(await start_daemon())
+    count = 2_000
+    replies: list[Msg] = []
+    all_in = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(msg)
+        if len(replies) == count:
+            all_in.set()
+
+    await client.nc.subscribe("_INBOX.flood.>", cb=on_reply)
+    await client.nc.flush()
+    for i in range(count):
+        await client.nc.publish(f"{client.prefix}.list", b"{}", reply=f"_INBOX.flood.{i}.{i}")
+    await client.nc.flush()
+    await asyncio.wait_for(all_in.wait(), 60)
+    codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
+    # Every request heard back; the backlog turned the excess away at once.
+    assert set(codes) == {"ok", "503"} and codes["503"] > 0, codes
+    assert await client.call("list") == []
