@@ -8,13 +8,21 @@ the handler a typed value, then serialises whatever the handler returns.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, TypeVar
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from daemon.config import Settings
 from daemon.db import Database
@@ -45,6 +53,20 @@ class Request(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        # Contract v1.1: JSON null in an optional field means the same as
+        # leaving it out, since Go encodes a nil slice or map as null
+        # (`"node_ids": null` is "every node"). The field then takes its
+        # default: None where None is meaningful, or Go's zero value ([], {},
+        # 0, "", false). A required field sent as null stays, to be the 400
+        # that names it. Nested requests (findlock's `prefer`) do the same.
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        optional = _optional_fields(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
+
     @field_validator("*", mode="after")
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
@@ -63,6 +85,19 @@ def _has_nul(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_nul(v) for v in value)
     return False
+
+
+@functools.cache
+def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The body keys of `model`'s fields that have a default (one entry per
+    request class, so the cache is as small as the operation table)."""
+    return frozenset(
+        key
+        for name, info in model.model_fields.items()
+        if not info.is_required()
+        for key in (name, info.alias)
+        if key is not None
+    )
 
 
 class Empty(Request):
