@@ -47,6 +47,7 @@ from daemon.errors import (
     Unavailable,
     classify,
 )
+from daemon.logs import Throttle
 from daemon.turns import Turns, Work
 from subjects import OPERATIONS
 from subjects.base import Context, Operation, Reply, Request
@@ -105,31 +106,22 @@ class Refusals:
 
 class Misdirected:
     """Logs requests refused for their reply subject: the first at once, then
-    at most one line per `every` seconds counting those in between.
+    at most one line a minute counting those in between."""
 
-    One line per request would let a flood of them fill the log; one line in
-    all would hide that it goes on.
-    """
-
-    def __init__(self, every: float = 60.0) -> None:
-        self._every = every
-        self._last = -every
-        self._held = 0
+    def __init__(self) -> None:
+        self._throttle = Throttle(60.0)
 
     def note(self, where: str, reply: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self._every:
-            self._held += 1
+        count = self._throttle.due()
+        if count is None:
             return
-        more = f" ({self._held} more since the last line)" if self._held else ""
         log.warning(
-            "refused a request on %s: its reply subject %r is not under "
-            "REGISTRY_REPLY_PREFIXES, and the daemon publishes replies nowhere else%s",
+            "refused %d request(s), the last on %s: its reply subject %r is not under "
+            "REGISTRY_REPLY_PREFIXES, and the daemon publishes replies nowhere else",
+            count,
             where,
             reply,
-            more,
         )
-        self._last, self._held = now, 0
 
 
 def source_of(msg: Msg) -> str:
