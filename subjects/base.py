@@ -20,8 +20,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     field_validator,
-    model_validator,
 )
 
 from daemon.config import Settings
@@ -53,51 +54,42 @@ class Request(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        # Contract v1.1: JSON null in an optional field means the same as
-        # leaving it out, since Go encodes a nil slice or map as null
-        # (`"node_ids": null` is "every node"). The field then takes its
-        # default: None where None is meaningful, or Go's zero value ([], {},
-        # 0, "", false). A required field sent as null stays, to be the 400
-        # that names it. Nested requests (findlock's `prefer`) do the same.
-        if not isinstance(data, dict) or None not in data.values():
-            return data
-        optional = _optional_fields(cls)
-        return {k: v for k, v in data.items() if v is not None or k not in optional}
-
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        # PostgreSQL text cannot hold U+0000; say so here, naming the field,
-        # rather than failing inside the database.
-        if _has_nul(value):
-            raise ValueError("must not contain the NUL character")
+    def _storable_text(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold U+0000, and no UTF-8 encoder takes an
+        # unpaired surrogate (JSON "\ud800", which the body's fallback parser
+        # lets through): say so here, naming the field, rather than failing
+        # inside the database or the reply's encoder.
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 
-def _has_nul(value: Any) -> bool:
+def text_problem(value: Any) -> str | None:
+    """Why `value` (a string, or strings in dicts and lists) cannot be stored as
+    text, or None when it can."""
     if isinstance(value, str):
-        return "\x00" in value
+        if "\x00" in value:
+            return "must not contain the NUL character"
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return "must be valid Unicode text (an unpaired surrogate such as \\ud800 is not)"
+        return None
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
-@functools.cache
-def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
-    """The body keys of `model`'s fields that have a default (one entry per
-    request class, so the cache is as small as the operation table)."""
-    return frozenset(
-        key
-        for name, info in model.model_fields.items()
-        if not info.is_required()
-        for key in (name, info.alias)
-        if key is not None
-    )
+        for k, v in value.items():
+            problem = text_problem(k) or text_problem(v)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list | tuple):
+        for v in value:
+            problem = text_problem(v)
+            if problem is not None:
+                return problem
+    return None
 
 
 class Empty(Request):
@@ -220,6 +212,13 @@ class Group:
 
 MAX_PAGE = 10_000
 NEXT_HEADER = "Registry-Next"
+# The longest cursor a client may send back, so the longest one we may issue.
+MAX_CURSOR = 4096
+# A reply's body is serialised as the edge does it (daemon/service.py).
+JSON_OPTIONS = orjson.OPT_UTC_Z
+# NATS's max_payload bounds a message's headers and body together: a page
+# leaves room for "NATS/1.0" and the longest Registry-Next header.
+HEADER_ROOM = MAX_CURSOR + 256
 
 
 class Paged(Request):
@@ -228,11 +227,14 @@ class Paged(Request):
     The cursor is opaque to clients: base64url of the JSON list of the sort
     key values of the last item, so any name (dots, spaces, newlines) is safe in
     a header and an operation can change its sort key without breaking clients
-    that only echo it back.
+    that only echo it back. A sort key is always one that does not change while
+    an item stays in the list (ids, names, indexes; never a counter such as
+    `in_flight`), so paging on while the cluster works never skips an item nor
+    lists it twice.
     """
 
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] | None = None
-    after: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    after: Annotated[str, StringConstraints(max_length=MAX_CURSOR)] | None = None
 
     @field_validator("after", mode="after")
     @classmethod
@@ -241,21 +243,26 @@ class Paged(Request):
             decode_cursor(value)
         return value
 
-    def cursor(self, *types: type) -> list[Any]:
+    def cursor(self, *types: Any) -> list[Any]:
         """The sort-key values in `after`, checked against the operation's key
-        types; a list of Nones when there is no cursor (the first page)."""
+        types (NodeId, ModelName, ReplicaIndex, …: their ranges too, so a
+        forged cursor never reaches the database as an out-of-range value); a
+        list of Nones when there is no cursor (the first page)."""
         if self.after is None:
             return [None] * len(types)
-        values = decode_cursor(self.after)
-        if len(values) != len(types) or not all(
-            isinstance(v, t) for v, t in zip(values, types, strict=True)
-        ):
-            raise BadRequest("invalid field 'after': not a cursor from this operation")
-        return values
+        try:
+            return list(_cursor_keys(types).validate_python(tuple(decode_cursor(self.after))))
+        except (ValueError, ValidationError):
+            raise BadRequest("invalid field 'after': not a cursor from this operation") from None
 
     def sql_limit(self) -> int | None:
         """Rows to fetch: one more than a page, to learn whether another follows."""
         return None if self.limit is None else self.limit + 1
+
+
+@functools.lru_cache(maxsize=64)  # keyed by the operations' key types, not by requests
+def _cursor_keys(types: tuple[Any, ...]) -> TypeAdapter[tuple[Any, ...]]:
+    return TypeAdapter(tuple.__class_getitem__(types), config=ConfigDict(strict=True))
 
 
 def encode_cursor(values: list[Any]) -> str:
@@ -267,16 +274,57 @@ def decode_cursor(text: str) -> list[Any]:
         values = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except (ValueError, orjson.JSONDecodeError):
         raise ValueError("not a cursor returned by registryd") from None
-    if not isinstance(values, list) or not values:
+    # A cursor we issued never holds U+0000: no key column can store it.
+    if not isinstance(values, list) or not values or text_problem(values) is not None:
         raise ValueError("not a cursor returned by registryd")
     return values
 
 
+Item = dict[str, Any]
+
+
 def page(
-    req: Paged, items: list[dict[str, Any]], key: Callable[[dict[str, Any]], list[Any]]
+    req: Paged,
+    items: list[Item],
+    key: Callable[[Item], list[Any]],
+    *,
+    max_reply: int | None = None,
+    body: Callable[[list[Item]], Any] | None = None,
 ) -> Any:
-    """The items of one page, with the cursor header when more follow."""
-    if req.limit is None or len(items) <= req.limit:
-        return items
-    items = items[: req.limit]
-    return Reply(items, {NEXT_HEADER: encode_cursor(key(items[-1]))})
+    """The items of one page, with the cursor header when more follow.
+
+    `items` come in the order of `key` (the cursor's sort key), at most one
+    more than a page (`sql_limit`). Given `max_reply` (Context.max_reply), a
+    page whose reply would not fit in one NATS message is cut to the items
+    that do, and the cursor points after the last one kept; at least one is
+    kept, so paging always moves on. `body` shapes the kept items into the
+    reply (an object for labels_all, another order for nodes_with_model); by
+    default the reply is the list itself. Without `limit` nothing is cut: the
+    edge answers a reply too large with the 413 that says to page.
+    """
+    shape = body or (lambda kept: kept)
+    if req.limit is None:
+        return shape(items)
+    kept = items[: req.limit]
+    more = len(items) > len(kept)
+    if max_reply is not None:
+        fit = fitting(kept, shape, max_reply - HEADER_ROOM)
+        more = more or fit < len(kept)
+        kept = kept[:fit]
+    if not more:
+        return shape(kept)
+    return Reply(shape(kept), {NEXT_HEADER: encode_cursor(key(kept[-1]))})
+
+
+def fitting(items: list[Item], shape: Callable[[list[Item]], Any], budget: int) -> int:
+    """How many of `items`, from the first, fit in `budget` bytes of reply (at
+    least one). Each item is measured as an element of a JSON array, which is
+    no smaller than its part of any shape a `body` gives the page."""
+    if len(orjson.dumps(shape(items), option=JSON_OPTIONS)) <= budget:
+        return len(items)
+    size = 2  # [ and ]
+    for count, item in enumerate(items):
+        size += len(orjson.dumps(item, option=JSON_OPTIONS)) + (1 if count else 0)
+        if size > budget:
+            return max(count, 1)
+    return len(items)

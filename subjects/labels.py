@@ -9,7 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from daemon.errors import NotFound
-from subjects.base import OK, Context, Group, LabelKey, Labels, LabelValue, NodeId, NodeRef, Request
+from subjects.base import (
+    OK,
+    Context,
+    Group,
+    LabelKey,
+    Labels,
+    LabelValue,
+    NodeId,
+    NodeRef,
+    Paged,
+    Request,
+    page,
+)
 from subjects.scheduling import wake_scheduling
 
 group = Group()
@@ -66,9 +78,12 @@ LABELS_GET = """
               FROM node_labels l WHERE l.node_id = n.id) AS labels
       FROM nodes n WHERE n.id = $1"""
 
+# Paged by node id ($1: the last one of the previous page).
 LABELS_ALL = """
     SELECT node_id, jsonb_object_agg(key, value) AS labels
-      FROM node_labels GROUP BY node_id ORDER BY node_id"""
+      FROM node_labels
+     WHERE $1::text IS NULL OR node_id > $1
+     GROUP BY node_id ORDER BY node_id LIMIT $2"""
 
 
 @group.op("label_set", LabelSetRequest)
@@ -106,7 +121,17 @@ async def labels_get(ctx: Context, req: NodeRef) -> Any:
     return row["labels"]
 
 
-@group.op("labels_all", Request)
-async def labels_all(ctx: Context, req: Request) -> Any:
+def by_node(item: dict[str, Any]) -> list[Any]:
+    return [item["node_id"]]
+
+
+def keyed_by_node(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {item["node_id"]: item["labels"] for item in items}
+
+
+@group.op("labels_all", Paged)
+async def labels_all(ctx: Context, req: Paged) -> Any:
     """Every node's labels, keyed by node id (nodes without labels are left out)."""
-    return {row["node_id"]: row["labels"] for row in await ctx.db.fetch(LABELS_ALL)}
+    rows = await ctx.db.fetch(LABELS_ALL, *req.cursor(NodeId), req.sql_limit())
+    items = [dict(row) for row in rows]
+    return page(req, items, by_node, max_reply=ctx.max_reply, body=keyed_by_node)

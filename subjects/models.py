@@ -11,9 +11,11 @@ from subjects.base import (
     Context,
     Group,
     ModelName,
+    NodeId,
     NodeIds,
     NodeRef,
     Paged,
+    ReplicaIndex,
     Request,
     found,
     page,
@@ -45,13 +47,21 @@ REPLICA_STATS = f"""
      ORDER BY r.node_id, r.replica_index LIMIT $5"""
 
 
+def by_node_and_index(stat: dict[str, Any]) -> list[Any]:
+    return [stat["node_id"], stat["replica_index"]]
+
+
 @group.op("replica_stats", StatsRequest)
 async def replica_stats(ctx: Context, req: StatsRequest) -> Any:
     """In-flight counts of the loaded replicas of a model on healthy nodes."""
     rows = await ctx.db.fetch(
-        REPLICA_STATS, req.model, req.node_ids, *req.cursor(str, int), req.sql_limit()
+        REPLICA_STATS,
+        req.model,
+        req.node_ids,
+        *req.cursor(NodeId, ReplicaIndex),
+        req.sql_limit(),
     )
-    return page(req, records(rows), lambda s: [s["node_id"], s["replica_index"]])
+    return page(req, records(rows), by_node_and_index, max_reply=ctx.max_reply)
 
 
 LOADED_MODELS = f"""
@@ -61,11 +71,17 @@ LOADED_MODELS = f"""
      ORDER BY r.model_name, r.node_id, r.replica_index LIMIT $4"""
 
 
+def by_model_node_and_index(replica: dict[str, Any]) -> list[Any]:
+    return [replica["model_name"], replica["node_id"], replica["replica_index"]]
+
+
 @group.op("loaded_models", Paged)
 async def loaded_models(ctx: Context, req: Paged) -> Any:
     """Every loaded replica on a healthy node, by model."""
-    rows = await ctx.db.fetch(LOADED_MODELS, *req.cursor(str, str, int), req.sql_limit())
-    return page(req, records(rows), lambda r: [r["model_name"], r["node_id"], r["replica_index"]])
+    rows = await ctx.db.fetch(
+        LOADED_MODELS, *req.cursor(ModelName, NodeId, ReplicaIndex), req.sql_limit()
+    )
+    return page(req, records(rows), by_model_node_and_index, max_reply=ctx.max_reply)
 
 
 class ModelRef(Request):
@@ -78,6 +94,9 @@ class NodesWithModelRequest(Paged):
 
 # Each node once, ranked by its least busy replica of the model; that replica's
 # in-flight count is in the reply too, as `model_in_flight` (our addition).
+# Unpaged ($3 NULL): least in flight first. Paged: by node id, because a
+# cursor of in-flight counts, which change between pages, would skip nodes
+# or list them twice; the handler orders each page least in flight first.
 NODES_WITH_MODEL = f"""
     SELECT {NODE_COLUMNS}, best.in_flight AS model_in_flight
       FROM nodes n
@@ -85,16 +104,25 @@ NODES_WITH_MODEL = f"""
             SELECT min(r.in_flight) AS in_flight FROM replicas r
              WHERE r.node_id = n.id AND r.model_name = $1 AND r.state = 'loaded'
            ) AS best ON best.in_flight IS NOT NULL
-     WHERE n.status = 'healthy'
-       AND ($2::int IS NULL OR (best.in_flight, n.id) > ($2, $3::text))
-     ORDER BY best.in_flight, n.id LIMIT $4"""
+     WHERE n.status = 'healthy' AND ($2::text IS NULL OR n.id > $2)
+     ORDER BY CASE WHEN $3::int IS NULL THEN best.in_flight END, n.id LIMIT $3"""
+
+
+def by_id(node: dict[str, Any]) -> list[Any]:
+    return [node["id"]]
+
+
+def least_in_flight_first(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(nodes, key=lambda n: (n["model_in_flight"], n["id"]))
 
 
 @group.op("nodes_with_model", NodesWithModelRequest)
 async def nodes_with_model(ctx: Context, req: NodesWithModelRequest) -> Any:
     """Healthy nodes with the model loaded, least in flight first."""
-    rows = await ctx.db.fetch(NODES_WITH_MODEL, req.model, *req.cursor(int, str), req.sql_limit())
-    return page(req, records(rows), lambda n: [n["model_in_flight"], n["id"]])
+    rows = await ctx.db.fetch(NODES_WITH_MODEL, req.model, *req.cursor(NodeId), req.sql_limit())
+    if req.limit is None:
+        return records(rows)  # already in order
+    return page(req, records(rows), by_id, max_reply=ctx.max_reply, body=least_in_flight_first)
 
 
 LOADED_COUNT = "SELECT count(*) FROM replicas WHERE model_name = $1 AND state = 'loaded'"

@@ -438,9 +438,9 @@ def by_name(node: dict[str, Any]) -> list[Any]:
 async def list_nodes(ctx: Context, req: ListRequest) -> Any:
     """Every node, by name; with `extras`, also model count, in-flight count, labels."""
     rows = await ctx.db.fetch(
-        LIST_WITH_EXTRAS if req.extras else LIST, *req.cursor(str), req.sql_limit()
+        LIST_WITH_EXTRAS if req.extras else LIST, *req.cursor(Name), req.sql_limit()
     )
-    return page(req, records(rows), by_name)
+    return page(req, records(rows), by_name, max_reply=ctx.max_reply)
 
 
 class StaleRequest(Paged):
@@ -459,8 +459,8 @@ STALE = f"""
 @group.op("stale", StaleRequest)
 async def stale(ctx: Context, req: StaleRequest) -> Any:
     """Active nodes whose last heartbeat is older than `threshold_s` seconds."""
-    rows = await ctx.db.fetch(STALE, req.threshold_s, *req.cursor(str), req.sql_limit())
-    return page(req, records(rows), by_name)
+    rows = await ctx.db.fetch(STALE, req.threshold_s, *req.cursor(Name), req.sql_limit())
+    return page(req, records(rows), by_name, max_reply=ctx.max_reply)
 
 
 # ---------------------------------------------------------------- max replicas

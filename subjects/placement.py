@@ -25,7 +25,7 @@ from subjects.base import (
     page,
     records,
 )
-from subjects.nodes import NODE_COLUMNS, by_name
+from subjects.nodes import NODE_COLUMNS, Name, by_name
 
 group = Group()
 
@@ -120,10 +120,10 @@ async def find_selector(ctx: Context, req: SelectorRequest) -> Any:
         FIND_SELECTOR,
         list(req.selector),
         list(req.selector.values()),
-        *req.cursor(str),
+        *req.cursor(Name),
         req.sql_limit(),
     )
-    return page(req, records(rows), by_name)
+    return page(req, records(rows), by_name, max_reply=ctx.max_reply)
 
 
 class ModelOnNodes(NodeSet):
@@ -158,9 +158,9 @@ CAPACITY = f"""
 async def free_slots(ctx: Context, req: FreeSlotsRequest) -> Any:
     """Healthy backend nodes that can host one more replica of `model`."""
     rows = await ctx.db.fetch(
-        FREE_SLOTS, req.node_ids, req.model, *req.cursor(str), req.sql_limit()
+        FREE_SLOTS, req.node_ids, req.model, *req.cursor(Name), req.sql_limit()
     )
-    return page(req, records(rows), by_name)
+    return page(req, records(rows), by_name, max_reply=ctx.max_reply)
 
 
 @group.op("capacity", ModelOnNodes)

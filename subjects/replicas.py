@@ -122,9 +122,9 @@ def by_model_and_index(replica: dict[str, Any]) -> list[Any]:
 @group.op("node_models", NodeModelsRequest)
 async def node_models(ctx: Context, req: NodeModelsRequest) -> Any:
     """Every replica row on a node, by model and replica index."""
-    model, index = req.cursor(str, int)
+    model, index = req.cursor(ModelName, ReplicaIndex)
     rows = await ctx.db.fetch(NODE_MODELS, req.node_id, model, index, req.sql_limit())
-    return page(req, records(rows), by_model_and_index)
+    return page(req, records(rows), by_model_and_index, max_reply=ctx.max_reply)
 
 
 @group.op("replica_remove", ReplicaRef)

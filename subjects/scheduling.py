@@ -155,8 +155,10 @@ SCHEDULING_LIST = f"""
 @group.op("scheduling_list", SchedulingListRequest)
 async def scheduling_list(ctx: Context, req: SchedulingListRequest) -> Any:
     """Every scheduling config by model; with `autoscaling`, only those that scale."""
-    rows = await ctx.db.fetch(SCHEDULING_LIST, req.autoscaling, *req.cursor(str), req.sql_limit())
-    return page(req, records(rows), lambda c: [c["model_name"]])
+    rows = await ctx.db.fetch(
+        SCHEDULING_LIST, req.autoscaling, *req.cursor(ModelName), req.sql_limit()
+    )
+    return page(req, records(rows), lambda c: [c["model_name"]], max_reply=ctx.max_reply)
 
 
 SCHEDULING_DELETE = "DELETE FROM scheduling_configs WHERE model_name = $1"

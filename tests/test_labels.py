@@ -238,3 +238,31 @@ async def test_failed_label_changes_keep_scheduling_cooldowns(
     rows = await cooldowns(pg)
     assert len(rows) == 2
     assert all(ticks == 3 and until is not None for ticks, until in rows)
+
+
+async def test_labels_all_pages_by_node_id(client: Client) -> None:
+    ids = []
+    for name in ["a", "b", "c", "d", "e"]:
+        node_id = await bare_node(client, name)
+        await client.call("labels_set", node_id=node_id, labels={"zone": name})
+        ids.append(node_id)
+    await bare_node(client, "unlabelled")  # left out, as without paging
+    everything = await client.call("labels_all")
+
+    pages: list[dict[str, Any]] = []
+    fields: dict[str, Any] = {"limit": 2}
+    while True:
+        items, headers = await client.call_with_headers("labels_all", **fields)
+        pages.append(items)
+        if "Registry-Next" not in headers:
+            break
+        assert len(pages) < 10, "paging does not end"
+        fields["after"] = headers["Registry-Next"]
+
+    # Still an object keyed by node id, in node id order across the pages.
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [k for p in pages for k in p] == sorted(ids)
+    assert {k: v for p in pages for k, v in p.items()} == everything
+    await fails(client.call("labels_all", limit=1, after="W10"), 400, "'after'")
+    await fails(client.call("labels_all", limit=0), 400, "'limit'")
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import asyncpg
 import pytest
@@ -56,6 +57,45 @@ async def test_nodes_with_model_lists_each_node_once_least_busy_first(client: Cl
     nodes = await client.call("nodes_with_model", model="m")
     assert [(n["name"], n["model_in_flight"]) for n in nodes] == [("a", 1), ("b", 3)]
     assert await client.call("nodes_with_model", model="none") == []
+
+
+async def test_nodes_with_model_pages_list_every_node_once_while_loads_change(
+    client: Client,
+) -> None:
+    nodes = [await client.healthy_node(f"n{i}") for i in range(6)]
+    for i, node in enumerate(nodes):
+        await client.replica(node, "m", 0, in_flight=2 * i)
+    ref = {"model": "m", "replica_index": 0}
+
+    seen: list[str] = []
+    fields: dict[str, Any] = {"model": "m", "limit": 1}
+    for _ in range(20):
+        items, headers = await client.call_with_headers("nodes_with_model", **fields)
+        seen += [n["id"] for n in items]
+        # The cluster works on between pages: the node just listed gets
+        # busier, the busiest one not listed yet gets idler.
+        for _ in range(3):
+            await client.call("inflight_inc", node_id=items[0]["id"], **ref)
+        busiest = max(
+            (n for n in await client.call("nodes_with_model", model="m") if n["id"] not in seen),
+            key=lambda n: n["model_in_flight"],
+            default=None,
+        )
+        if busiest is not None:
+            for _ in range(2):
+                await client.call("inflight_dec", node_id=busiest["id"], **ref)
+        if "Registry-Next" not in headers:
+            break
+        fields["after"] = headers["Registry-Next"]
+
+    assert sorted(seen) == sorted(n["id"] for n in nodes)
+
+    # Each page is ordered least in flight first, as the whole list is.
+    page, _ = await client.call_with_headers("nodes_with_model", model="m", limit=4)
+    assert len(page) == 4
+    assert page == sorted(page, key=lambda n: (n["model_in_flight"], n["id"]))
+    everything = await client.call("nodes_with_model", model="m")
+    assert everything == sorted(everything, key=lambda n: (n["model_in_flight"], n["id"]))
 
 
 async def test_loaded_count(client: Client) -> None:

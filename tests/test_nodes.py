@@ -1076,6 +1076,45 @@ async def test_list_page_that_ends_exactly_has_no_cursor(client: Client) -> None
     assert "Registry-Next" not in headers
 
 
+async def test_a_page_too_large_for_nats_is_cut_to_fit(
+    nats_with: Callable[[str], Any],  # first: its server outlives the daemon
+    start_daemon: Callable[..., Awaitable[Daemon]],
+) -> None:
+    server = nats_with("max_payload: 65536\n")
+    daemon = await start_daemon(nats_url=server.url)
+    async with client_of(daemon, server.url) as client:
+        ids = []
+        for i in range(8):
+            node = await client.register(f"n{i}")
+            # As large as a node's labels get: ~23 KB each, two nodes a page.
+            labels = {f"{i}-{j:02}".ljust(128, "k"): "v" * 255 for j in range(60)}
+            await client.call("labels_set", node_id=node["id"], labels=labels)
+            ids.append(node["id"])
+        # Without a limit the reply cannot be cut: the 413 that says to page.
+        await fails(client.call("list", extras=True), 413, "'limit'")
+
+        for op, fields, listed in [
+            ("list", {"extras": True}, lambda items: [n["id"] for n in items]),
+            ("labels_all", {}, list),
+        ]:
+            seen: list[str] = []
+            fields["limit"] = 8
+            for _ in range(10):
+                msg = await client.raw(op, orjson.dumps(fields))
+                items = parse(msg)
+                headers = dict(msg.headers or {})
+                body_and_headers = len(msg.data) + sum(
+                    len(k) + len(v) + 4 for k, v in headers.items()
+                )
+                assert body_and_headers <= 65536
+                assert 1 <= len(items) < 8
+                seen += listed(items)
+                if "Registry-Next" not in headers:
+                    break
+                fields["after"] = headers["Registry-Next"]
+            assert sorted(seen) == sorted(ids), op
+
+
 @pytest.mark.parametrize("after", ["not a cursor!", "W10", "WzFd", ""])
 async def test_list_bad_cursor_is_400(client: Client, after: str) -> None:
     await client.register("a")
