@@ -23,6 +23,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from daemon.config import Settings
@@ -53,6 +54,20 @@ class Request(BaseModel):
     """Base of every request body: strict types, unknown fields ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        # Contract v1.1: JSON null in an optional field means the same as
+        # leaving it out, since Go encodes a nil slice or map as null
+        # (`"node_ids": null` is "every node"). The field then takes its
+        # default: None where None is meaningful, or Go's zero value ([], {},
+        # 0, "", false). A required field sent as null stays, to be the 400
+        # that names it. Nested requests (findlock's `prefer`) do the same.
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        optional = _optional_fields(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
 
     @field_validator("*", mode="after")
     @classmethod
@@ -90,6 +105,19 @@ def text_problem(value: Any) -> str | None:
             if problem is not None:
                 return problem
     return None
+
+
+@functools.cache
+def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The body keys of `model`'s fields that have a default (one entry per
+    request class, so the cache is as small as the operation table)."""
+    return frozenset(
+        key
+        for name, info in model.model_fields.items()
+        if not info.is_required()
+        for key in (name, info.alias)
+        if key is not None
+    )
 
 
 class Empty(Request):
