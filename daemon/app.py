@@ -58,6 +58,7 @@ class Daemon:
         self.intents_nc: NATS | None = None
         self.service: RegistryService | None = None
         self.delivery: Delivery | None = None
+        self.sweep: Sweep | None = None
         self.heartbeats: Heartbeats | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
@@ -88,7 +89,8 @@ class Daemon:
         self.service = RegistryService(self.nc, ctx, heartbeat_nc=self.heartbeat_nc)
         self._spawn("heartbeat-writer", self.heartbeats.run)
         await self.service.start()
-        self._spawn("health-sweep", Sweep(s, self.db, events, intents).run)
+        self.sweep = Sweep(s, self.db, events, intents)
+        self._spawn("health-sweep", self.sweep.run)
         self.delivery = Delivery(self.intents_nc, s, self.db, intents, events)
         self._spawn("intent-delivery", self.delivery.run)
         if self.notifier.watchdog_interval:
