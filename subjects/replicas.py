@@ -210,16 +210,18 @@ class NextIndexRequest(NodeModelRef):
 
 # The lowest index not taken: 0 if free, else the first taken index whose
 # successor is free. Lowest-first keeps slot numbers (and the worker's ports)
-# compact across scale-down and scale-up.
+# compact across scale-down and scale-up. In bigint: the successor of a
+# replica at the integer limit (2^31 - 1) is past any max_slots (a 409), not
+# an overflow.
 NEXT_INDEX = """
     SELECT CASE
         WHEN NOT EXISTS (SELECT 1 FROM replicas
                           WHERE node_id = $1 AND model_name = $2 AND replica_index = 0) THEN 0
-        ELSE (SELECT min(r.replica_index) + 1 FROM replicas r
+        ELSE (SELECT min(r.replica_index::bigint) + 1 FROM replicas r
                WHERE r.node_id = $1 AND r.model_name = $2
                  AND NOT EXISTS (SELECT 1 FROM replicas s
                                   WHERE s.node_id = $1 AND s.model_name = $2
-                                    AND s.replica_index = r.replica_index + 1))
+                                    AND s.replica_index = r.replica_index::bigint + 1))
     END"""
 
 

@@ -8,10 +8,18 @@ approval, label changes, replica caps) clears those flags again.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import AwareDatetime, BeforeValidator, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BeforeValidator,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from daemon.errors import NotFound
 from subjects.base import (
@@ -26,6 +34,7 @@ from subjects.base import (
     page,
     record,
     records,
+    text_problem,
 )
 
 group = Group()
@@ -66,6 +75,11 @@ def _selector_text(value: Any) -> str:
         isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
     ):
         raise ValueError("must be an object of string label values")
+    # Checked here, before it is encoded as JSON text (which an unpaired
+    # surrogate would fail), not only by Request's check of the result.
+    problem = text_problem(parsed)
+    if problem is not None:
+        raise ValueError(problem)
     if not parsed:
         return ""
     return value if isinstance(value, str) else orjson.dumps(parsed).decode()
@@ -193,8 +207,22 @@ def _text_time(value: Any) -> Any:
     return value
 
 
+def _in_utc_range(value: datetime) -> datetime:
+    # Stored and returned in UTC: "9999-12-31T23:59:59-14:00" parses, but is
+    # past the last time Python (hence the driver) can write in UTC.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside 0001-01-01T00:00:00Z … 9999-12-31T23:59:59Z") from None
+
+
 class MarkRequest(ModelRef):
-    until: Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_text_time)]
+    until: Annotated[
+        AwareDatetime,
+        Field(strict=False),
+        BeforeValidator(_text_time),
+        AfterValidator(_in_utc_range),
+    ]
 
 
 UNSATISFIABLE_MARK = """

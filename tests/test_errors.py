@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -215,3 +216,81 @@ async def test_an_unreachable_database_is_503_and_service_resumes_by_itself(
         assert got["name"] == "gpu-1"
     finally:
         await nc.close()
+
+
+def cursor(*values: Any) -> str:
+    """A forged `after`, built as registryd builds its own."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(values))).decode().rstrip("=")
+
+
+def body(**fields: Any) -> bytes:
+    # json, not orjson: only it writes an unpaired surrogate, as "\ud800".
+    return json.dumps(fields).encode()
+
+
+NODE = "NODE"  # stands for the id of the test's node in a body
+MAX_INT32 = 2**31 - 1
+
+# What a hostile or broken client can send that once reached the database or
+# the reply encoder unchecked: each must be refused with the code shown (409
+# where the contract says so), naming the field, and the daemon must go on.
+HOSTILE: list[tuple[str, bytes, int, str]] = [
+    # Cursors holding integers beyond the key's column type (int4, or beyond int8).
+    ("nodes_with_model", body(model="m", limit=1, after=cursor(2**31, "x")), 400, "'after'"),
+    ("nodes_with_model", body(model="m", limit=1, after=cursor(2**63, "x")), 400, "'after'"),
+    ("node_models", body(node_id=NODE, limit=1, after=cursor("m", 2**31)), 400, "'after'"),
+    ("node_models", body(node_id=NODE, limit=1, after=cursor("m", 2**64 - 1)), 400, "'after'"),
+    ("replica_stats", body(model="m", limit=1, after=cursor("n", 2**31)), 400, "'after'"),
+    ("replica_stats", body(model="m", limit=1, after=cursor("n", 2**63)), 400, "'after'"),
+    ("loaded_models", body(limit=1, after=cursor("m", "n", 2**31)), 400, "'after'"),
+    ("loaded_models", body(limit=1, after=cursor("m", "n", 2**64 - 1)), 400, "'after'"),
+    # Cursors holding U+0000, which no text column can.
+    ("list", body(limit=1, after=cursor("a\x00")), 400, "'after'"),
+    ("scheduling_list", body(limit=1, after=cursor("m\x00")), 400, "'after'"),
+    ("nodes_with_model", body(model="m", limit=1, after=cursor("\x00")), 400, "'after'"),
+    # Times that are valid RFC 3339 but fall outside what the database's clock
+    # type (and Python's) holds once moved to UTC.
+    ("unsatisfiable_mark", body(model="m", until="9999-12-31T23:59:59-14:00"), 400, "'until'"),
+    ("unsatisfiable_mark", body(model="m", until="0001-01-01T00:00:00+14:00"), 400, "'until'"),
+    # The replica index at the integer limit: a full node, not an overflow.
+    ("replica_next_index", body(node_id=NODE, model="m", max_slots=1), 409, "slot"),
+    # Unpaired surrogates, in keys and values and every other text field.
+    ("scheduling_set", body(model_name="x", node_selector={"\ud800": "v"}), 400, "'node_selector'"),
+    ("scheduling_set", body(model_name="x", node_selector={"k": "\udfff"}), 400, "'node_selector'"),
+    (
+        "scheduling_set",
+        body(model_name="x", node_selector='{"k": "\ud800"}'),
+        400,
+        "'node_selector'",
+    ),
+    ("find_selector", body(selector={"\ud800": "v"}), 400, "'selector"),
+    ("find_selector", body(selector={"k": "\ud800"}), 400, "'selector"),
+    ("labels_set", body(node_id=NODE, labels={"\ud800": "v"}), 400, "'labels"),
+    ("label_set", body(node_id=NODE, key="k", value="\ud800"), 400, "'value'"),
+    ("register", body(name="\ud800", address="a:1"), 400, "'name'"),
+    ("register", body(name="n", address="\ud800"), 400, "'address'"),
+    ("register", body(name="n", address="a:1", labels={"k": "\ud800"}), 400, "'labels"),
+    ("get", body(name="gpu\ud800"), 400, "'name'"),
+    ("findlock", body(model="m\ud800"), 400, "'model'"),
+    ("scheduling_get", body(model="\udc00"), 400, "'model'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "data", "code", "field"),
+    HOSTILE,
+    ids=[f"{op}-{i}" for i, (op, *_) in enumerate(HOSTILE)],
+)
+async def test_hostile_input_is_a_client_error_never_a_500(
+    client: Client, op: str, data: bytes, code: int, field: str
+) -> None:
+    node = await client.healthy_node("gpu-1", max_replicas_per_model=2)
+    await client.replica(node, "m", 0)
+    await client.replica(node, "m", MAX_INT32)
+    await client.call("scheduling_set", model_name="m")
+    data = data.replace(NODE.encode(), node["id"].encode())
+    err = await error_of(client, op, data)
+    assert_error_shape(err, code, {400: "bad_request", 409: "conflict"}[code])
+    assert field in err.message
+    # The daemon is unharmed.
+    assert (await client.call("get", node_id=node["id"]))["name"] == "gpu-1"
