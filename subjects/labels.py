@@ -2,13 +2,22 @@
 
 Every change clears the reconciler's cooldown flags in the same statement: a new
 label can make a selector match, so a model marked unsatisfiable may now fit.
+
+A node has at most REGISTRY_MAX_LABELS labels, so that no node can make a reply
+(`get`, `labels_get`, a page of a list) larger than NATS carries. The cap
+counts the automatic labels registration keeps (AUTO_LABELS) whether the node
+has them yet or not: a worker's re-registration, which may add them, is never
+refused for labels an admin set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
-from daemon.errors import NotFound
+import asyncpg
+
+from daemon.errors import BadRequest, NotFound
 from subjects.base import (
     OK,
     Context,
@@ -43,7 +52,47 @@ class LabelRemoveRequest(Request):
     key: LabelKey
 
 
-# A missing node violates node_labels_node_id_fkey, which the edge reports as 404.
+# The labels registration sets itself (subjects/nodes.py), counted by the cap
+# whether a node has them or not.
+AUTO_LABELS = ("node.name", "gpu.vendor", "gpu.vram", "node.replica-slots")
+
+# Writers that may add a label to a node lock its row first, so their counts
+# and inserts take turns. The count is a statement of its own, after the
+# lock: a statement sees the database as it was when the statement began,
+# before it waited, and would miss the labels of the writer it waited for.
+LOCK_NODE_LABELS = "SELECT id FROM nodes WHERE id = $1 FOR NO KEY UPDATE"
+
+# The labels of node $1 (none for NULL, a node not created yet) merged with
+# the keys $2, counting the automatic keys $3 as present: before and after.
+LABEL_COUNTS = """
+    SELECT count(*) FILTER (WHERE had) AS before, count(*) AS after FROM (
+        SELECT key, bool_or(had) AS had FROM (
+            SELECT key, true AS had FROM node_labels WHERE node_id = $1
+            UNION ALL SELECT key, true FROM unnest($3::text[]) AS auto(key)
+            UNION ALL SELECT key, false FROM unnest($2::text[]) AS new(key)
+        ) AS keys GROUP BY key
+    ) AS merged"""
+
+
+def too_many(cap: int, count: int) -> BadRequest:
+    return BadRequest(
+        f"invalid field 'labels': a node may have at most {cap} labels, counting the "
+        f"automatic {', '.join(AUTO_LABELS)}; this would make {count}"
+    )
+
+
+async def check_room(
+    conn: asyncpg.Connection, cap: int, node_id: str | None, keys: Collection[str]
+) -> None:
+    """400 unless merging `keys` into the labels of a node whose row this
+    transaction has locked keeps it within the cap. A node above it (the cap
+    was lowered) may keep and change what it has, but gain no new key."""
+    row = await conn.fetchrow(LABEL_COUNTS, node_id, list(keys), list(AUTO_LABELS))
+    assert row is not None
+    if row["after"] > cap and row["after"] > row["before"]:
+        raise too_many(cap, row["after"])
+
+
 LABEL_SET = f"""
     WITH set AS (
         INSERT INTO node_labels (node_id, key, value) VALUES ($1, $2, $3)
@@ -89,13 +138,21 @@ LABELS_ALL = """
 @group.op("label_set", LabelSetRequest)
 async def label_set(ctx: Context, req: LabelSetRequest) -> Any:
     """Set one label on a node (insert or replace its value)."""
-    await ctx.db.execute(LABEL_SET, req.node_id, req.key, req.value)
+    async with ctx.db.transaction() as conn:
+        if await conn.fetchval(LOCK_NODE_LABELS, req.node_id) is None:
+            raise NotFound(f"node {req.node_id} not found")
+        await check_room(conn, ctx.settings.max_labels, req.node_id, [req.key])
+        await conn.execute(LABEL_SET, req.node_id, req.key, req.value)
     return OK
 
 
 @group.op("labels_set", LabelsSetRequest)
 async def labels_set(ctx: Context, req: LabelsSetRequest) -> Any:
     """Replace all of a node's labels with the given object."""
+    # The node ends with exactly these labels: the cap needs no look at it.
+    count = len(req.labels.keys() | set(AUTO_LABELS))
+    if count > ctx.settings.max_labels:
+        raise too_many(ctx.settings.max_labels, count)
     found = await ctx.db.fetchval(
         LABELS_SET, req.node_id, list(req.labels), list(req.labels.values())
     )

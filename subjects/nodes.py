@@ -33,6 +33,7 @@ from subjects.base import (
     record,
     records,
 )
+from subjects.labels import AUTO_LABELS, check_room
 from subjects.scheduling import wake_scheduling
 
 log = logging.getLogger("registryd.nodes")
@@ -186,6 +187,9 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
         node_type = req.node_type or (prev["node_type"] if prev else "backend")
         if node_type == "backend" and not (req.address or (prev and prev["address"])):
             raise_missing("address", "a backend node needs the address of its gRPC server")
+        if labels.keys() - set(AUTO_LABELS):
+            node_id = prev["id"] if prev else None
+            await check_room(conn, ctx.settings.max_labels, node_id, labels.keys())
         removed: list[str] = []
         if prev is not None:
             # The worker restarted: nothing it had loaded is loaded any more.

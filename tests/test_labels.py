@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.support import Client, add_cooldowns, cooldowns, fails
+from tests.support import CallError, Client, add_cooldowns, cooldowns, fails
 
 # ---------------------------------------------------------------- helpers
 
@@ -266,3 +267,69 @@ async def test_labels_all_pages_by_node_id(client: Client) -> None:
     await fails(client.call("labels_all", limit=1, after="W10"), 400, "'after'")
     await fails(client.call("labels_all", limit=0), 400, "'limit'")
 
+
+# ---------------------------------------------------------------- the label cap
+
+
+def many(count: int, prefix: str = "k") -> dict[str, str]:
+    return {f"{prefix}{i}": "v" for i in range(count)}
+
+
+async def test_a_node_has_at_most_max_labels_labels(client: Client, pg: asyncpg.Connection) -> None:
+    # 64 by default, the four automatic keys (node.name, gpu.vendor, gpu.vram,
+    # node.replica-slots) counted whether the node has them yet or not.
+    node_id = await bare_node(client, "gpu-1")
+    await fails(client.call("labels_set", node_id=node_id, labels=many(61)), 400, "'labels'", "64")
+    assert await db_labels(pg, node_id) == {}
+
+    assert await client.call("labels_set", node_id=node_id, labels=many(60)) == {}
+    await fails(client.call("label_set", node_id=node_id, key="one", value="more"), 400, "'labels'")
+    # Replacing the value of a key the node has adds nothing: allowed.
+    assert await client.call("label_set", node_id=node_id, key="k0", value="w") == {}
+    # Setting an automatic key never counts twice.
+    assert await client.call("label_set", node_id=node_id, key="gpu.vendor", value="amd") == {}
+    assert len(await db_labels(pg, node_id)) == 61
+
+    # A worker's labels merge into the node's: past the cap, nothing changes.
+    before = await pg.fetchrow("SELECT * FROM nodes WHERE id = $1", node_id)
+    await fails(client.register("gpu-1", labels={"extra": "x"}), 400, "'labels'")
+    assert await pg.fetchrow("SELECT * FROM nodes WHERE id = $1", node_id) == before
+    assert len(await db_labels(pg, node_id)) == 61
+    # Re-registering with labels the node has, or with none, is fine.
+    await client.register("gpu-1", labels={"k1": "v"}, gpu_vendor="nvidia", total_vram=2**34)
+    labels = await db_labels(pg, node_id)
+    assert len(labels) == 64
+    assert labels["gpu.vram"] == "16GB"
+
+    # A new node is refused as a whole, and never created.
+    await fails(client.register("gpu-2", labels=many(61)), 400, "'labels'")
+    assert await pg.fetchval("SELECT count(*) FROM nodes WHERE name = 'gpu-2'") == 0
+    node = await client.register("gpu-2", labels=many(60))
+    assert len(await db_labels(pg, node["id"])) == 62  # and node.name, replica-slots; no GPU
+
+
+async def test_the_label_cap_is_a_setting(start_daemon: Any, clients: Any) -> None:
+    client = await clients(await start_daemon(max_labels=6))
+    node_id = await bare_node(client, "gpu-1")
+    await fails(client.call("labels_set", node_id=node_id, labels=many(3)), 400, "'labels'", "6")
+    assert await client.call("labels_set", node_id=node_id, labels=many(2)) == {}
+
+
+async def test_concurrent_label_sets_never_pass_the_cap(
+    start_daemon: Any, clients: Any, pg: asyncpg.Connection
+) -> None:
+    client = await clients(await start_daemon(max_labels=8))  # room for 4 of our own
+    node_id = await bare_node(client, "gpu-1")
+
+    async def add(key: str) -> bool:
+        try:
+            await client.call("label_set", node_id=node_id, key=key, value="v")
+        except CallError as err:
+            assert err.code == 400 and "'labels'" in err.message, err
+            return False
+        return True
+
+    added = await asyncio.gather(*(add(f"k{i}") for i in range(20)))
+
+    assert sum(added) == 4
+    assert len(await db_labels(pg, node_id)) == 4
