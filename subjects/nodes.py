@@ -92,9 +92,10 @@ LOCK_NODE_BY_NAME = """
     SELECT id, status, node_type, address FROM nodes WHERE name = $1 FOR UPDATE"""
 
 # Fields the worker leaves out keep their stored values on re-registration (as
-# Go's Updates(struct) leaves zero fields alone); a new node takes the defaults.
-# A manual max-replicas override survives; a node that was never approved stays
-# pending unless auto-approve is on.
+# Go's Updates(struct) leaves zero fields alone); so does an empty address (Go
+# skips the empty string), which would make the node unroutable. A new node
+# takes the defaults. A manual max-replicas override survives; a node that was
+# never approved stays pending unless auto-approve is on.
 UPSERT_NODE = f"""
     WITH up AS (
         INSERT INTO nodes AS n (
@@ -108,7 +109,7 @@ UPSERT_NODE = f"""
             COALESCE($11::int, 1), CASE WHEN $12::bool THEN 'healthy' ELSE 'pending' END)
         ON CONFLICT (name) DO UPDATE SET
             node_type      = COALESCE($2, n.node_type),
-            address        = COALESCE($3, n.address),
+            address        = COALESCE(NULLIF($3, ''), n.address),
             http_address   = COALESCE($4, n.http_address),
             token_hash     = COALESCE($5, n.token_hash),
             total_vram     = COALESCE($6, n.total_vram),

@@ -399,6 +399,19 @@ async def test_a_backend_re_registering_may_leave_out_its_address(client: Client
     assert (again["id"], again["address"]) == (node["id"], "10.0.0.5:50051")
 
 
+async def test_reregistration_with_an_empty_address_keeps_the_stored_one(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    # Go's Updates(struct) skips the empty string: a worker that sends
+    # "address": "" must not make its node unroutable.
+    node = await client.register("gpu-1", address="10.0.0.5:50051")
+    again = await client.call("register", name="gpu-1", address="", http_address="")
+    assert (again["id"], again["address"]) == (node["id"], "10.0.0.5:50051")
+    assert await pg.fetchval("SELECT address FROM nodes WHERE id = $1", node["id"]) == (
+        "10.0.0.5:50051"
+    )
+
+
 async def test_register_rejects_a_bad_node_type(client: Client) -> None:
     await fails(
         client.call("register", name="x", node_type="router", address="a:1"), 400, "'node_type'"
