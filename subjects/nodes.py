@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import asyncpg
 from pydantic import Field, StringConstraints
 
-from daemon.errors import BadRequest, Conflict, NotFound, Unauthorized
+from daemon.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
 from subjects.base import (
     OK,
     ByteCount,
@@ -96,6 +96,12 @@ LOCK_NODE_BY_NAME = """
 # skips the empty string), which would make the node unroutable. A new node
 # takes the defaults. A manual max-replicas override survives; a node that was
 # never approved stays pending unless auto-approve is on.
+#
+# $15 says the name was free when we looked (LOCK_NODE_BY_NAME found no row).
+# If another registration of the name committed since, this statement must
+# not update its node as if it were new: it returns no row, and the conflict
+# has locked the node's row (as ON CONFLICT DO UPDATE locks every conflicting
+# row, updated or not), so the caller looks again and re-registers it.
 UPSERT_NODE = f"""
     WITH up AS (
         INSERT INTO nodes AS n (
@@ -124,6 +130,7 @@ UPSERT_NODE = f"""
             status = CASE WHEN $12 OR n.status <> 'pending' THEN 'healthy' ELSE 'pending' END,
             last_heartbeat = now(),
             updated_at     = now()
+        WHERE NOT $15::bool
         RETURNING n.*
     ),
     labelled AS (
@@ -183,35 +190,44 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
     labels.pop("node.replica-slots", None)  # mirrors the effective cap, set in SQL
 
     async with ctx.db.transaction() as conn:
-        prev = await conn.fetchrow(LOCK_NODE_BY_NAME, req.name)
-        # Re-registration may leave out what the node already has.
-        node_type = req.node_type or (prev["node_type"] if prev else "backend")
-        if node_type == "backend" and not (req.address or (prev and prev["address"])):
-            raise_missing("address", "a backend node needs the address of its gRPC server")
-        if labels.keys() - set(AUTO_LABELS):
-            node_id = prev["id"] if prev else None
-            await check_room(conn, ctx.settings.max_labels, node_id, labels.keys())
-        removed: list[str] = []
-        if prev is not None:
-            # The worker restarted: nothing it had loaded is loaded any more.
-            removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, prev["id"])]
-        row = await conn.fetchrow(
-            UPSERT_NODE,
-            req.name,
-            req.node_type,
-            req.address,
-            req.http_address,
-            token_hash,
-            req.total_vram,
-            req.available_vram,
-            req.total_ram,
-            req.available_ram,
-            req.gpu_vendor,
-            max_replicas,
-            ctx.settings.auto_approve,
-            list(labels),
-            list(labels.values()),
-        )
+        # Twice at most: a registration that lost the race to create the name
+        # finds the winner's node locked for it on its second look.
+        for _ in range(2):
+            prev = await conn.fetchrow(LOCK_NODE_BY_NAME, req.name)
+            # Re-registration may leave out what the node already has.
+            node_type = req.node_type or (prev["node_type"] if prev else "backend")
+            if node_type == "backend" and not (req.address or (prev and prev["address"])):
+                raise_missing("address", "a backend node needs the address of its gRPC server")
+            if labels.keys() - set(AUTO_LABELS):
+                node_id = prev["id"] if prev else None
+                await check_room(conn, ctx.settings.max_labels, node_id, labels.keys())
+            removed: list[str] = []
+            if prev is not None:
+                # The worker restarted: nothing it had loaded is loaded any more.
+                removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, prev["id"])]
+            row = await conn.fetchrow(
+                UPSERT_NODE,
+                req.name,
+                req.node_type,
+                req.address,
+                req.http_address,
+                token_hash,
+                req.total_vram,
+                req.available_vram,
+                req.total_ram,
+                req.available_ram,
+                req.gpu_vendor,
+                max_replicas,
+                ctx.settings.auto_approve,
+                list(labels),
+                list(labels.values()),
+                prev is None,
+            )
+            if row is not None:
+                break
+        else:
+            # Created and deregistered again between our two looks.
+            raise Unavailable(f"node {req.name!r} changed while registering; retry")
     assert row is not None
     await ctx.events.replicas_removed(row["id"], removed)
     await ctx.events.node(

@@ -555,6 +555,22 @@ async def test_registration_publishes_node_events(client: Client) -> None:
     assert event["name"] == "gpu-1"
 
 
+async def test_concurrent_registrations_of_a_new_name_publish_one_new_node_event(
+    client: Client,
+) -> None:
+    events = await client.listen(f"{client.prefix}.events.node.>")
+
+    nodes = await asyncio.gather(*(client.register("gpu-1") for _ in range(30)))
+
+    assert len({n["id"] for n in nodes}) == 1
+    got = await events.collect(30)
+    # One registration created the node; every other one re-registered it
+    # and says so, with the status the node had.
+    assert [e["previous_status"] for e in got].count(None) == 1
+    assert {e["previous_status"] for e in got} == {None, "pending"}
+    assert await events.drained(client.nc) == []
+
+
 # ---------------------------------------------------------------- approve
 
 
