@@ -173,14 +173,18 @@ LOAD_INFO_SET = """
         updated_at = now()"""
 
 # The model's own row first; else what a loaded replica was stamped with (load
-# info written before any frontend kept the per-model copy).
+# info written before any frontend kept the per-model copy). SQL promises no
+# order of UNION ALL's rows without ORDER BY, hence `source`.
 LOAD_INFO_GET = """
-    (SELECT backend_type, model_opts FROM model_load_info WHERE model_name = $1)
-    UNION ALL
-    (SELECT backend_type, model_opts FROM replicas
-      WHERE model_name = $1 AND state = 'loaded' AND model_opts IS NOT NULL
-      ORDER BY updated_at DESC LIMIT 1)
-    LIMIT 1"""
+    SELECT backend_type, model_opts FROM (
+        (SELECT 0 AS source, backend_type, model_opts FROM model_load_info
+          WHERE model_name = $1)
+        UNION ALL
+        (SELECT 1, backend_type, model_opts FROM replicas
+          WHERE model_name = $1 AND state = 'loaded' AND model_opts IS NOT NULL
+          ORDER BY updated_at DESC LIMIT 1)
+    ) AS info
+    ORDER BY source LIMIT 1"""
 
 
 @group.op("load_info_set", LoadInfoSetRequest)
