@@ -43,6 +43,55 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 CREATE INDEX IF NOT EXISTS nodes_status_idx ON nodes (status, node_type);
 
+-- Approval, stored (v1.1): granted by `approve` or REGISTRY_AUTO_APPROVE, kept
+-- until the node is deregistered. Status alone cannot say it: a pending node
+-- that went offline and came back looked like an approved one, and a worker
+-- could approve itself that way. A database from before this column gets it
+-- once, with every node past pending taken as approved (which it was, but for
+-- nodes that used that hole).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema()
+                      AND table_name = 'nodes' AND column_name = 'approved') THEN
+        ALTER TABLE nodes ADD COLUMN approved boolean NOT NULL DEFAULT false;
+        UPDATE nodes SET approved = true
+         WHERE status IN ('healthy', 'unhealthy', 'draining', 'offline');
+    END IF;
+END $$;
+
+-- The two rules of the node state machine (subjects/node_status.py) that no
+-- statement may break, whoever writes it: a node never approved is never
+-- healthy, and approval is never taken back (only deregistration ends it).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'nodes_healthy_needs_approval') THEN
+        ALTER TABLE nodes ADD CONSTRAINT nodes_healthy_needs_approval
+            CHECK (status <> 'healthy' OR approved);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION nodes_keep_approval() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.approved AND NOT NEW.approved THEN
+        RAISE EXCEPTION 'node % was approved; only deregistration ends that', OLD.id
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'nodes_approval_sticky';
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- Created once: creating a trigger locks the table, and this file runs at
+-- every start-up while other instances serve.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'nodes_approval_sticky'
+                      AND tgrelid = 'nodes'::regclass) THEN
+        CREATE TRIGGER nodes_approval_sticky BEFORE UPDATE OF approved ON nodes
+            FOR EACH ROW EXECUTE FUNCTION nodes_keep_approval();
+    END IF;
+END $$;
+
 -- One row per model replica on a node (Go: NodeModel).
 CREATE TABLE IF NOT EXISTS replicas (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,

@@ -45,6 +45,7 @@ from daemon.config import Settings
 from daemon.db import Database
 from daemon.events import Events
 from daemon.intents import Changed, IntentStore, Stored
+from subjects import node_status
 
 log = logging.getLogger("registryd.delivery")
 
@@ -59,12 +60,6 @@ CONCURRENCY = 32
 
 NODE_AND_NOW = "SELECT now() AS now, (SELECT status FROM nodes WHERE id = $1) AS status"
 NOW = "SELECT now()"
-
-# A node nobody answers for is not healthy, whatever its last heartbeat said.
-MARK_UNHEALTHY = """
-    UPDATE nodes SET status = 'unhealthy', updated_at = now()
-     WHERE id = $1 AND status = 'healthy'
-    RETURNING name"""
 
 
 def sanitize(token: str) -> str:
@@ -298,15 +293,11 @@ class Delivery:
             log.info("%s done", what)
             return
         if outcome.kind == "no_responders":
-            name = await self._db.fetchval(MARK_UNHEALTHY, intent["node_id"])
-            if name is not None:
-                await self._events.node(
-                    intent["node_id"],
-                    name,
-                    "unhealthy",
-                    "healthy",
-                    "no worker answered a backend intent",
-                )
+            # A node nobody answers for is not healthy, whatever its last
+            # heartbeat said.
+            change = await node_status.no_worker(self._db, intent["node_id"])
+            if change is not None:
+                await node_status.announce(self._events, self._store, [change])
         now: datetime = await self._db.fetchval(NOW)
         abandoned = False
 

@@ -26,8 +26,13 @@ class Events:
         status: str,
         previous_status: str | None,
         reason: str,
+        *,
+        auth_refs: dict[str, str] | None = None,
     ) -> None:
-        """A registration, a status change, or a deregistration of one node."""
+        """A registration, a status change, or a deregistration of one node.
+
+        A deregistration carries the ids of the credentials LocalAI provisioned
+        for the node (`auth_refs`), so that whoever listens can revoke them."""
         log.info(
             "node %s (%s): %s -> %s (%s)",
             name,
@@ -43,16 +48,16 @@ class Events:
                 "reason": reason,
             },
         )
-        await self._publish(
-            self._node_prefix + node_id,
-            {
-                "node_id": node_id,
-                "name": name,
-                "status": status,
-                "previous_status": previous_status,
-                "reason": reason,
-            },
-        )
+        event: dict[str, object] = {
+            "node_id": node_id,
+            "name": name,
+            "status": status,
+            "previous_status": previous_status,
+            "reason": reason,
+        }
+        if auth_refs is not None:
+            event["auth_refs"] = auth_refs
+        await self._publish(self._node_prefix + node_id, event)
 
     async def replicas_removed(
         self, node_id: str, models: Iterable[str], replica: int = ALL_REPLICAS

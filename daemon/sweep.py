@@ -4,11 +4,12 @@ Every REGISTRY_CHECK_INTERVAL seconds each daemon runs one round of both jobs.
 
 The health sweep runs on one instance at a time: a round first tries a
 transaction-scoped advisory lock and skips when another instance holds it. In
-that one transaction, a healthy node whose last heartbeat is older than
-REGISTRY_STALE_AFTER becomes unhealthy (offline, its replica rows removed, with
-REGISTRY_AUTO_OFFLINE), and an unhealthy or offline node that has heartbeated
-since its last change, within REGISTRY_STALE_AFTER, becomes healthy. Draining,
-pending and registering nodes are left alone. Times are the database's.
+that one transaction the node state machine (subjects/node_status.py) makes a
+healthy node whose last heartbeat is older than REGISTRY_STALE_AFTER unhealthy
+(offline, its replica rows removed, with REGISTRY_AUTO_OFFLINE), and an
+approved unhealthy or offline node that has heartbeated since its last change,
+within REGISTRY_STALE_AFTER, healthy. Draining, pending and registering nodes
+are left alone. Times are the database's.
 
 Lease expiry needs no lock: one statement deletes the expired leases and gives
 their units back, so a lease released by one instance is gone for every other
@@ -29,6 +30,7 @@ from daemon.db import Database
 from daemon.errors import classify
 from daemon.events import Events
 from daemon.intents import IntentStore
+from subjects import node_status
 
 log = logging.getLogger("registryd.sweep")
 
@@ -36,38 +38,6 @@ log = logging.getLogger("registryd.sweep")
 SWEEP_LOCK_KEY = int.from_bytes(b"regsweep", "big")
 
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
-
-# $1 stale_after (s), $2 the status of a stale node ('unhealthy' or 'offline').
-# The nodes are locked first and the condition is checked again on the row as
-# it is once locked, so a heartbeat or a status change that commits meanwhile
-# wins. "Heartbeated since its last change" is last_heartbeat > updated_at:
-# a node just marked offline or unhealthy by hand does not come straight back
-# on the heartbeat it sent before; the next one revives it.
-SWEEP_NODES = """
-    WITH due AS (
-        SELECT id, status FROM nodes
-         WHERE (status = 'healthy'
-                AND last_heartbeat < now() - make_interval(secs => $1))
-            OR (status IN ('unhealthy', 'offline')
-                AND last_heartbeat > now() - make_interval(secs => $1)
-                AND last_heartbeat > updated_at)
-         ORDER BY id
-           FOR UPDATE
-    )
-    UPDATE nodes n
-       SET status = CASE WHEN due.status = 'healthy' THEN $2 ELSE 'healthy' END,
-           updated_at = now()
-      FROM due WHERE n.id = due.id
-    RETURNING n.id, n.name, n.status, due.status AS previous_status,
-              extract(epoch FROM now() - n.last_heartbeat)::float8 AS silent_s"""
-
-# A second statement, so it sees replicas added while it waited for the node
-# locks; the nodes are offline now, so no new replica can be picked there.
-REMOVE_REPLICAS = """
-    WITH gone AS (
-        DELETE FROM replicas WHERE node_id = ANY($1::text[]) RETURNING node_id, model_name
-    )
-    SELECT DISTINCT node_id, model_name FROM gone ORDER BY node_id, model_name"""
 
 # Each expired lease is released once: its replica is locked first (as every
 # lease statement does, so this cannot deadlock with a release or a removal;
@@ -137,27 +107,11 @@ class Sweep:
 
     async def sweep_nodes(self) -> None:
         s = self.settings
-        stale_status = "offline" if s.auto_offline else "unhealthy"
-        removed: list[tuple[str, str]] = []
         async with self.db.transaction() as conn:
             if not await conn.fetchval(TRY_LOCK, SWEEP_LOCK_KEY):
                 return  # another instance is sweeping
-            changed = await conn.fetch(SWEEP_NODES, s.stale_after, stale_status)
-            gone = [c["id"] for c in changed if c["status"] == "offline"]
-            if gone:
-                removed = [(r[0], r[1]) for r in await conn.fetch(REMOVE_REPLICAS, gone)]
-        for node_id in dict.fromkeys(node_id for node_id, _ in removed):
-            await self.events.replicas_removed(
-                node_id, [model for owner, model in removed if owner == node_id]
-            )
-        for c in changed:
-            if c["status"] == "healthy":
-                reason = "heartbeat resumed"
-            else:
-                reason = f"no heartbeat for {int(c['silent_s'])}s"
-            await self.events.node(c["id"], c["name"], c["status"], c["previous_status"], reason)
-            if c["status"] == "healthy":
-                await self.intents.kick(c["id"])  # its queued intents go out now
+            changes = await node_status.sweep(conn, s.stale_after, s.auto_offline)
+        await node_status.announce(self.events, self.intents, changes)
 
     async def expire_leases(self) -> None:
         released = await self.db.fetchval(EXPIRE_LEASES)

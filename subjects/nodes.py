@@ -1,7 +1,8 @@
 """Nodes: registration, approval, status changes, heartbeats and look-ups.
 
-Semantics follow LocalAI's NodeRegistry (reference/registry.go). Where a change
-removes replica rows (re-registration, offline, drain, deregistration) the node
+Semantics follow LocalAI's NodeRegistry (reference/registry.go). Every status
+change goes through the node state machine (subjects/node_status.py), which
+also announces it. Where a change removes replica rows (re-registration, offline, drain, deregistration) the node
 row is locked by a first statement and the rows are removed by a second, so the
 `prefixcache.invalidate` events name exactly the rows that went: a replica added
 concurrently either waits for us or is removed and announced with the rest.
@@ -17,7 +18,8 @@ from typing import Annotated, Any, Literal, NoReturn
 import asyncpg
 from pydantic import Field, StringConstraints
 
-from daemon.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
+from daemon.errors import BadRequest, NotFound, Unauthorized, Unavailable
+from subjects import node_status
 from subjects.base import (
     OK,
     ByteCount,
@@ -57,12 +59,6 @@ EXTRAS_COLUMNS = """
       WHERE l.node_id = n.id) AS labels"""
 
 
-LOCK_NODE = "SELECT id, name, status FROM nodes WHERE id = $1 FOR UPDATE"
-
-REMOVE_NODE_REPLICAS = """
-    WITH gone AS (DELETE FROM replicas WHERE node_id = $1 RETURNING model_name)
-    SELECT DISTINCT model_name FROM gone ORDER BY model_name"""
-
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
@@ -89,15 +85,17 @@ class RegisterRequest(Request):
 
 
 LOCK_NODE_BY_NAME = """
-    SELECT id, status, node_type, address FROM nodes WHERE name = $1 FOR UPDATE"""
+    SELECT id, status, node_type, address, auth_user_id, api_key_id
+      FROM nodes WHERE name = $1 FOR UPDATE"""
 
 # Fields the worker leaves out keep their stored values on re-registration (as
 # Go's Updates(struct) leaves zero fields alone); so does an empty address (Go
 # skips the empty string), which would make the node unroutable. A new node
-# takes the defaults. A manual max-replicas override survives; a node that was
-# never approved stays pending unless auto-approve is on.
+# takes the defaults. A manual max-replicas override survives. The status is
+# not written here but by the node state machine (node_status.registered): a
+# new node is inserted as `registering`, the column's default.
 #
-# $15 says the name was free when we looked (LOCK_NODE_BY_NAME found no row).
+# $14 says the name was free when we looked (LOCK_NODE_BY_NAME found no row).
 # If another registration of the name committed since, this statement must
 # not update its node as if it were new: it returns no row, and the conflict
 # has locked the node's row (as ON CONFLICT DO UPDATE locks every conflicting
@@ -107,12 +105,12 @@ UPSERT_NODE = f"""
         INSERT INTO nodes AS n (
             name, node_type, address, http_address, token_hash,
             total_vram, available_vram, total_ram, available_ram,
-            gpu_vendor, max_replicas_per_model, status)
+            gpu_vendor, max_replicas_per_model)
         VALUES (
             $1, COALESCE($2::text, 'backend'), COALESCE($3::text, ''), COALESCE($4::text, ''),
             COALESCE($5::text, ''), COALESCE($6::bigint, 0), COALESCE($7::bigint, 0),
             COALESCE($8::bigint, 0), COALESCE($9::bigint, 0), COALESCE($10::text, ''),
-            COALESCE($11::int, 1), CASE WHEN $12::bool THEN 'healthy' ELSE 'pending' END)
+            COALESCE($11::int, 1))
         ON CONFLICT (name) DO UPDATE SET
             node_type      = COALESCE($2, n.node_type),
             address        = COALESCE(NULLIF($3, ''), n.address),
@@ -127,17 +125,16 @@ UPSERT_NODE = f"""
             max_replicas_per_model = CASE
                 WHEN n.max_replicas_per_model_manually_set THEN n.max_replicas_per_model
                 ELSE COALESCE($11, n.max_replicas_per_model) END,
-            status = CASE WHEN $12 OR n.status <> 'pending' THEN 'healthy' ELSE 'pending' END,
             last_heartbeat = now(),
             updated_at     = now()
-        WHERE NOT $15::bool
+        WHERE NOT $14::bool
         RETURNING n.*
     ),
     labelled AS (
         INSERT INTO node_labels (node_id, key, value)
         SELECT up.id, l.key, l.value
           FROM up, LATERAL (
-                SELECT * FROM unnest($13::text[], $14::text[]) AS t(key, value)
+                SELECT * FROM unnest($12::text[], $13::text[]) AS t(key, value)
                 UNION ALL
                 SELECT 'node.replica-slots', up.max_replicas_per_model::text) AS l
         ON CONFLICT (node_id, key) DO UPDATE SET value = EXCLUDED.value
@@ -201,10 +198,10 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
             if labels.keys() - set(AUTO_LABELS):
                 node_id = prev["id"] if prev else None
                 await check_room(conn, ctx.settings.max_labels, node_id, labels.keys())
-            removed: list[str] = []
+            removed: dict[str, list[str]] = {}
             if prev is not None:
                 # The worker restarted: nothing it had loaded is loaded any more.
-                removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, prev["id"])]
+                removed = await node_status.clear_replicas(conn, [prev["id"]])
             row = await conn.fetchrow(
                 UPSERT_NODE,
                 req.name,
@@ -218,7 +215,6 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
                 req.available_ram,
                 req.gpu_vendor,
                 max_replicas,
-                ctx.settings.auto_approve,
                 list(labels),
                 list(labels.values()),
                 prev is None,
@@ -228,18 +224,23 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
         else:
             # Created and deregistered again between our two looks.
             raise Unavailable(f"node {req.name!r} changed while registering; retry")
-    assert row is not None
-    await ctx.events.replicas_removed(row["id"], removed)
-    await ctx.events.node(
-        row["id"],
-        row["name"],
-        row["status"],
-        prev["status"] if prev else None,
-        "registered",
-    )
-    if row["status"] == "healthy" and (prev is None or prev["status"] != "healthy"):
-        await ctx.intents.kick(row["id"])
-    return record(row)
+        refs = node_status.auth_refs_of(prev) if prev is not None else None
+        change = await node_status.registered(
+            conn,
+            row["id"],
+            prev["status"] if prev else None,
+            auto_approve=ctx.settings.auto_approve,
+            removed=removed.get(row["id"], ()),
+        )
+    await node_status.announce(ctx.events, ctx.intents, [change])
+    node = record(row)
+    assert node is not None
+    node["status"] = change.status
+    if refs:
+        # LocalAI revokes the credentials it provisioned before, as Go's
+        # Register hands them back (v1.1); no other reply shows them.
+        node["auth_refs"] = refs
+    return node
 
 
 def raise_missing(field: str, why: str) -> NoReturn:
@@ -249,112 +250,64 @@ def raise_missing(field: str, why: str) -> NoReturn:
 # ---------------------------------------------------------------- approve
 
 
-APPROVE = f"""
-    WITH old AS (SELECT id, status FROM nodes WHERE id = $1 FOR UPDATE),
-    up AS (
-        UPDATE nodes n SET status = 'healthy', updated_at = now()
-          FROM old WHERE n.id = old.id AND old.status = 'pending'
-        RETURNING n.*
-    ),
-    {wake_scheduling("EXISTS (SELECT 1 FROM up)")}
-    SELECT old.status AS previous_status, {NODE_COLUMNS}
-      FROM old LEFT JOIN up AS n ON true"""
+APPROVE = node_status.approve_statement(NODE_COLUMNS, wake_scheduling("EXISTS (SELECT 1 FROM up)"))
 
 
 @group.op("approve", NodeRef)
 async def approve(ctx: Context, req: NodeRef) -> Any:
     """Approve a pending node: it becomes healthy and can take work."""
-    row = await ctx.db.fetchrow(APPROVE, req.node_id)
-    if row is None:
-        raise NotFound(f"node {req.node_id} not found")
-    if row["id"] is None:
-        raise Conflict(f"node {req.node_id} is {row['previous_status']}, not pending")
-    node = record(row)
-    assert node is not None
-    del node["previous_status"]
-    await ctx.events.node(node["id"], node["name"], "healthy", "pending", "approved")
-    await ctx.intents.kick(node["id"])
-    return node
+    node, change = await node_status.approve(ctx.db, APPROVE, req.node_id)
+    await node_status.announce(ctx.events, ctx.intents, [change])
+    return record(node)
 
 
 # ---------------------------------------------------------------- status changes
 
 
-SET_STATUS = """
-    UPDATE nodes SET status = $2, updated_at = now() WHERE id = $1"""
-
-
-async def change_status(
-    ctx: Context, node_id: str, status: str, *, clear_replicas: bool, reason: str
-) -> Any:
-    async with ctx.db.transaction() as conn:
-        old = await conn.fetchrow(LOCK_NODE, node_id)
-        if old is None:
-            raise NotFound(f"node {node_id} not found")
-        if status == "healthy" and old["status"] == "pending":
-            raise Conflict(f"node {node_id} is pending; approve it first")
-        await conn.execute(SET_STATUS, node_id, status)
-        removed: list[str] = []
-        if clear_replicas:
-            removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, node_id)]
-    await ctx.events.replicas_removed(node_id, removed)
-    if old["status"] != status:
-        await ctx.events.node(node_id, old["name"], status, old["status"], reason)
-        if status == "healthy":
-            await ctx.intents.kick(node_id)
+async def change_status(ctx: Context, node_id: str, rule: node_status.Rule) -> Any:
+    change = await node_status.apply(ctx.db, node_id, rule)
+    await node_status.announce(ctx.events, ctx.intents, [change])
     return OK
 
 
 @group.op("offline", NodeRef)
 async def offline(ctx: Context, req: NodeRef) -> Any:
     """Mark a node offline (a graceful worker shutdown); its replicas are cleared."""
-    return await change_status(ctx, req.node_id, "offline", clear_replicas=True, reason="offline")
+    return await change_status(ctx, req.node_id, node_status.OFFLINE)
 
 
 @group.op("unhealthy", NodeRef)
 async def unhealthy(ctx: Context, req: NodeRef) -> Any:
     """Mark a node unhealthy; its replicas stay (the next heartbeat may revive it)."""
-    return await change_status(
-        ctx, req.node_id, "unhealthy", clear_replicas=False, reason="marked unhealthy"
-    )
+    return await change_status(ctx, req.node_id, node_status.UNHEALTHY)
 
 
 @group.op("healthy", NodeRef)
 async def healthy(ctx: Context, req: NodeRef) -> Any:
-    """Mark a node healthy (a pending node needs approve instead)."""
-    return await change_status(
-        ctx, req.node_id, "healthy", clear_replicas=False, reason="marked healthy"
-    )
+    """Mark an approved node healthy (one never approved needs approve instead)."""
+    return await change_status(ctx, req.node_id, node_status.HEALTHY)
 
 
 @group.op("drain", NodeRef)
 async def drain(ctx: Context, req: NodeRef) -> Any:
     """Drain a node: no new work, and its replicas are cleared."""
-    return await change_status(ctx, req.node_id, "draining", clear_replicas=True, reason="drain")
+    return await change_status(ctx, req.node_id, node_status.DRAIN)
 
 
 # ---------------------------------------------------------------- deregister
 
 
-DELETE_NODE = "DELETE FROM nodes WHERE id = $1"
-
-
 @group.op("deregister", NodeRef)
 async def deregister(ctx: Context, req: NodeRef) -> Any:
-    """Remove a node with its replicas and labels."""
-    async with ctx.db.transaction() as conn:
-        old = await conn.fetchrow(LOCK_NODE, req.node_id)
-        if old is None:
-            raise NotFound(f"node {req.node_id} not found")
-        removed = [r[0] for r in await conn.fetch(REMOVE_NODE_REPLICAS, req.node_id)]
-        await conn.execute(DELETE_NODE, req.node_id)
-    await ctx.events.replicas_removed(req.node_id, removed)
-    await ctx.events.node(req.node_id, old["name"], "deregistered", old["status"], "deregistered")
+    """Remove a node with its replicas and labels; the reply names its provisioned credentials."""
+    change = await node_status.deregister(ctx.db, req.node_id)
+    await node_status.announce(ctx.events, ctx.intents, [change])
     try:
         await ctx.intents.purge_node(req.node_id)
     except Exception as exc:  # delivery drops them anyway when it meets them
         log.warning("could not drop the intents of node %s: %s", req.node_id, exc)
-    return OK
+    # LocalAI deletes the user and API key it provisioned for the node (v1.1).
+    return {"auth_refs": change.auth_refs} if change.auth_refs else OK
 
 
 # ---------------------------------------------------------------- heartbeat

@@ -721,7 +721,7 @@ async def test_healthy_revives_an_unhealthy_node(client: Client, pg: asyncpg.Con
 
 async def test_healthy_on_a_pending_node_is_409(client: Client, pg: asyncpg.Connection) -> None:
     node = await client.register("gpu-1")
-    await fails(client.call("healthy", node_id=node["id"]), 409, "pending")
+    await fails(client.call("healthy", node_id=node["id"]), 409, "never been approved")
     assert await pg.fetchval("SELECT status FROM nodes WHERE id = $1", node["id"]) == "pending"
 
 
@@ -962,7 +962,6 @@ async def test_auth_refs_are_stored_and_never_returned(
         await client.call("get", name="agent-1"),
         await client.call("list"),
         await client.call("list", extras=True),
-        await client.register("agent-1"),
         await client.call("max_replicas", node_id=node["id"], max_replicas_per_model=2),
     ]
     for reply in replies:
@@ -971,9 +970,41 @@ async def test_auth_refs_are_stored_and_never_returned(
         assert "key-456" not in text
         for item in reply if isinstance(reply, list) else [reply]:
             assert not SECRET_FIELDS & set(item)
-    # Re-registration keeps them (the frontend revokes them on deregistration).
+    # Re-registration keeps them, and hands them back (below).
+    await client.register("agent-1")
     row = await pg.fetchrow("SELECT auth_user_id, api_key_id FROM nodes WHERE id = $1", node["id"])
     assert (row["auth_user_id"], row["api_key_id"]) == ("user-123", "key-456")
+
+
+async def test_reregistration_hands_back_the_provisioned_credentials(client: Client) -> None:
+    # LocalAI's Register copies the stored ids back to its caller, which
+    # revokes the old user and key before provisioning new ones (v1.1).
+    node = await client.healthy_node("agent-1")
+    assert "auth_refs" not in node
+    assert "auth_refs" not in await client.register("agent-1")  # none stored yet
+    await client.call("auth_refs", node_id=node["id"], auth_user_id="user-123", api_key_id="")
+    again = await client.register("agent-1")
+    assert again["auth_refs"] == {"auth_user_id": "user-123", "api_key_id": ""}
+    assert again["status"] == "healthy"
+
+
+async def test_deregistration_hands_back_the_provisioned_credentials(client: Client) -> None:
+    node = await client.healthy_node("agent-1")
+    await client.call(
+        "auth_refs", node_id=node["id"], auth_user_id="user-123", api_key_id="key-456"
+    )
+    events = await client.listen(f"{client.prefix}.events.node.{node['id']}")
+    reply = await client.call("deregister", node_id=node["id"])
+    refs = {"auth_user_id": "user-123", "api_key_id": "key-456"}
+    assert reply == {"auth_refs": refs}
+    _, event = await events.next()
+    assert event["status"] == "deregistered" and event["auth_refs"] == refs
+    # A node without any: the reply is {} and the event carries none.
+    other = await client.healthy_node("gpu-2")
+    events = await client.listen(f"{client.prefix}.events.node.{other['id']}")
+    assert await client.call("deregister", node_id=other["id"]) == {}
+    _, event = await events.next()
+    assert event["status"] == "deregistered" and "auth_refs" not in event
 
 
 async def test_auth_refs_unknown_node_is_404(client: Client) -> None:
