@@ -60,6 +60,10 @@ BEGIN
     END IF;
 END $$;
 
+-- A worker's own key (v1.2, node identity): SHA-256 (hex) of the node_key the
+-- name was first registered with; '' while none is bound. Never returned.
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS node_key_hash text NOT NULL DEFAULT '';
+
 -- The two rules of the node state machine (subjects/node_status.py) that no
 -- statement may break, whoever writes it: a node never approved is never
 -- healthy, and approval is never taken back (only deregistration ends it).

@@ -391,7 +391,7 @@ class RegistryService:
         self._control: list[Subscription] = []
 
     def subject(self, op: Operation[Any]) -> str:
-        base = f"{self._ctx.settings.subject_prefix}.{op.name}"
+        base = f"{self._ctx.settings.subject_prefix}.{op.verb}"
         return base + ".*" if op.subject_field else base
 
     async def start(self) -> None:

@@ -208,6 +208,14 @@ class Operation(Generic[M]):
     # Published requests of this operation are handled in the subscription's
     # own callback: only for handlers that never wait on I/O when unanswered.
     inline: bool = False
+    # The subject after the prefix, when it is not the operation's name: two
+    # endpoints may share a verb (registry.offline for admins and
+    # registry.offline.<node_id> for a worker itself), never a name.
+    subject: str | None = None
+
+    @property
+    def verb(self) -> str:
+        return self.subject or self.name
 
 
 class Group:
@@ -224,12 +232,22 @@ class Group:
         subject_field: str | None = None,
         reply_field: str | None = None,
         inline: bool = False,
+        subject: str | None = None,
     ) -> Callable[[Handler[M]], Handler[M]]:
         def register(handler: Handler[M]) -> Handler[M]:
             doc = (handler.__doc__ or "").strip().splitlines()
             description = doc[0] if doc else ""
             self.operations.append(
-                Operation(name, model, handler, subject_field, reply_field, description, inline)
+                Operation(
+                    name,
+                    model,
+                    handler,
+                    subject_field,
+                    reply_field,
+                    description,
+                    inline,
+                    subject,
+                )
             )
             return handler
 

@@ -2,8 +2,9 @@
 
 Semantics follow LocalAI's NodeRegistry (reference/registry.go). Every status
 change goes through the node state machine (subjects/node_status.py), which
-also announces it. Where a change removes replica rows (re-registration, offline, drain, deregistration) the node
-row is locked by a first statement and the rows are removed by a second, so the
+also announces it. Where a change removes replica rows (re-registration,
+offline, drain, deregistration) the node row is locked by a first statement
+and the rows are removed by a second, so the
 `prefixcache.invalidate` events name exactly the rows that went: a replica added
 concurrently either waits for us or is removed and announced with the rest.
 """
@@ -16,7 +17,7 @@ import logging
 from typing import Annotated, Any, Literal, NoReturn
 
 import asyncpg
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
 from daemon.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from subjects import node_status
@@ -82,10 +83,13 @@ class RegisterRequest(Request):
     gpu_vendor: Annotated[str, StringConstraints(max_length=32)] | None = None
     max_replicas_per_model: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     labels: Labels | None = None
+    # The worker's own secret: the first registration that carries one binds
+    # it to the name, and every later one must carry the same (v1.2).
+    node_key: Annotated[str, StringConstraints(min_length=16, max_length=256)] | None = None
 
 
 LOCK_NODE_BY_NAME = """
-    SELECT id, status, node_type, address, auth_user_id, api_key_id
+    SELECT id, status, node_type, address, auth_user_id, api_key_id, node_key_hash
       FROM nodes WHERE name = $1 FOR UPDATE"""
 
 # Fields the worker leaves out keep their stored values on re-registration (as
@@ -105,17 +109,20 @@ UPSERT_NODE = f"""
         INSERT INTO nodes AS n (
             name, node_type, address, http_address, token_hash,
             total_vram, available_vram, total_ram, available_ram,
-            gpu_vendor, max_replicas_per_model)
+            gpu_vendor, max_replicas_per_model, node_key_hash)
         VALUES (
             $1, COALESCE($2::text, 'backend'), COALESCE($3::text, ''), COALESCE($4::text, ''),
             COALESCE($5::text, ''), COALESCE($6::bigint, 0), COALESCE($7::bigint, 0),
             COALESCE($8::bigint, 0), COALESCE($9::bigint, 0), COALESCE($10::text, ''),
-            COALESCE($11::int, 1))
+            COALESCE($11::int, 1), COALESCE($15::text, ''))
         ON CONFLICT (name) DO UPDATE SET
             node_type      = COALESCE($2, n.node_type),
             address        = COALESCE(NULLIF($3, ''), n.address),
             http_address   = COALESCE($4, n.http_address),
             token_hash     = COALESCE($5, n.token_hash),
+            -- Bound once; only deregistration or node_key_reset unbinds it.
+            node_key_hash  = CASE WHEN n.node_key_hash = '' THEN COALESCE($15, '')
+                                  ELSE n.node_key_hash END,
             total_vram     = COALESCE($6, n.total_vram),
             available_vram = COALESCE($7, n.available_vram),
             reserved_vram  = CASE WHEN $7::bigint IS NULL THEN n.reserved_vram ELSE 0 END,
@@ -161,6 +168,23 @@ def auto_labels(req: RegisterRequest) -> dict[str, str]:
     return labels
 
 
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_node_key(bound: str, req: RegisterRequest) -> None:
+    """A name bound to a key registers only with that key (v1.2): whoever
+    else holds the registration token cannot take the node over."""
+    if not bound:
+        return
+    # Digests of the same length: the comparison takes the same time
+    # whatever key was sent.
+    if req.node_key is None or not hmac.compare_digest(bound, digest(req.node_key)):
+        who = f"node {req.name!r}" + (f" (address {req.address})" if req.address else "")
+        why = "node key missing" if req.node_key is None else "wrong node key"
+        raise Unauthorized(f"node {req.name!r} is bound to another node key", who=who, why=why)
+
+
 def check_token(expected: str | None, req: RegisterRequest) -> None:
     if expected is None:
         return
@@ -181,7 +205,7 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
     max_replicas = None
     if req.max_replicas_per_model is not None:
         max_replicas = max(1, req.max_replicas_per_model)  # 0 means "the default", 1
-    token_hash = hashlib.sha256(req.token.encode()).hexdigest() if req.token else None
+    token_hash = digest(req.token) if req.token else None
     # Worker labels merge into the node's (admin labels stay); auto labels win.
     labels = {**(req.labels or {}), **auto_labels(req)}
     labels.pop("node.replica-slots", None)  # mirrors the effective cap, set in SQL
@@ -191,6 +215,8 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
         # finds the winner's node locked for it on its second look.
         for _ in range(2):
             prev = await conn.fetchrow(LOCK_NODE_BY_NAME, req.name)
+            if prev is not None:
+                check_node_key(prev["node_key_hash"], req)
             # Re-registration may leave out what the node already has.
             node_type = req.node_type or (prev["node_type"] if prev else "backend")
             if node_type == "backend" and not (req.address or (prev and prev["address"])):
@@ -218,6 +244,7 @@ async def register(ctx: Context, req: RegisterRequest) -> Any:
                 list(labels),
                 list(labels.values()),
                 prev is None,
+                digest(req.node_key) if req.node_key is not None else None,
             )
             if row is not None:
                 break
@@ -308,6 +335,56 @@ async def deregister(ctx: Context, req: NodeRef) -> Any:
         log.warning("could not drop the intents of node %s: %s", req.node_id, exc)
     # LocalAI deletes the user and API key it provisioned for the node (v1.1).
     return {"auth_refs": change.auth_refs} if change.auth_refs else OK
+
+
+# ---------------------------------------------------------------- node keys
+
+
+RESET_NODE_KEY = """
+    UPDATE nodes SET node_key_hash = '', updated_at = now() WHERE id = $1 RETURNING name"""
+
+
+@group.op("node_key_reset", NodeRef)
+async def node_key_reset(ctx: Context, req: NodeRef) -> Any:
+    """Unbind a node's key (admin): its next registration binds a new one."""
+    name = await ctx.db.fetchval(RESET_NODE_KEY, req.node_id)
+    if name is None:
+        raise NotFound(f"node {req.node_id} not found")
+    log.info("node key of %s (%s) reset", name, req.node_id)
+    return OK
+
+
+# ---------------------------------------------------------------- a worker, itself
+#
+# What a worker does to its own node after registering has a subject of its
+# own, ending in the node id, so that a NATS user per worker can be allowed
+# exactly its own (registry.offline.<id>, registry.self.<id>,
+# registry.heartbeat.<id>) and nothing of another node's.
+
+
+class OwnNodeRequest(Request):
+    # From the subject; a node_id in the body may only repeat it.
+    subject_node: NodeId
+    node_id: NodeId | None = None
+
+    @field_validator("node_id", mode="after")
+    @classmethod
+    def _same_node(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value != info.data.get("subject_node"):
+            raise ValueError("must be the node id the subject names, or absent")
+        return value
+
+
+@group.op("offline_self", OwnNodeRequest, subject="offline", subject_field="subject_node")
+async def offline_self(ctx: Context, req: OwnNodeRequest) -> Any:
+    """A worker marks its own node offline, on registry.offline.<node_id>."""
+    return await change_status(ctx, req.subject_node, node_status.OFFLINE)
+
+
+@group.op("self", OwnNodeRequest, subject_field="subject_node")
+async def own_node(ctx: Context, req: OwnNodeRequest) -> Any:
+    """A worker reads its own node, as get does, on registry.self.<node_id>."""
+    return node_or_404(await ctx.db.fetchrow(GET_BY_ID, req.subject_node), req.subject_node)
 
 
 # ---------------------------------------------------------------- heartbeat

@@ -58,7 +58,7 @@ def base_body(op: Operation[Any]) -> dict[str, Any]:
 
 
 def subject_of(op: Operation[Any]) -> str:
-    return f"{op.name}.no-such-node" if op.subject_field else op.name
+    return f"{op.verb}.no-such-node" if op.subject_field else op.verb
 
 
 CASES = [
