@@ -1,0 +1,61 @@
+"""registryd's Python client: `Registry`, its reply models and errors, and the
+worker `Agent`.
+
+    from registryd import Registry
+
+    registry = await Registry.connect()          # the daemon's REGISTRY_* settings
+    async for node in registry.nodes(extras=True):
+        print(node.name, node.status, node.labels)
+"""
+
+from registryd.client import Registry
+from registryd.errors import (
+    BadRequest,
+    Conflict,
+    Internal,
+    NoResponders,
+    NotFound,
+    RegistryError,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from registryd.models import (
+    AuthRefs,
+    Intent,
+    LoadInfo,
+    Node,
+    NodeWithExtras,
+    NodeWithModel,
+    Page,
+    Pick,
+    Replica,
+    ReplicaStat,
+    Scheduling,
+)
+
+__all__ = [
+    "AuthRefs",
+    "BadRequest",
+    "Conflict",
+    "Intent",
+    "Internal",
+    "LoadInfo",
+    "NoResponders",
+    "Node",
+    "NodeWithExtras",
+    "NodeWithModel",
+    "NotFound",
+    "Page",
+    "Pick",
+    "Registry",
+    "RegistryError",
+    "Replica",
+    "ReplicaStat",
+    "Scheduling",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+]
