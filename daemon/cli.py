@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in config.FIELDS}
     try:
-        settings = config.load(os.environ, flags)
+        settings = config.load(flags)
     except config.SettingError as exc:
         print(f"registryd: invalid setting {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING

@@ -1,9 +1,10 @@
 """Settings: every REGISTRY_* variable of the contract, in one typed, frozen object.
 
-Read once at start-up, from the environment and then from command-line flags
-(a flag wins), and passed down; nothing else in the daemon reads os.environ.
-A bad value raises SettingError naming the variable, which the entry point turns
-into one line on stderr and exit code 2.
+Read once at start-up by pydantic-settings, from the environment
+(`REGISTRY_<NAME>`; an empty value counts as unset) and then from command-line
+flags (a flag wins), and passed down; nothing else in the daemon reads
+os.environ. A bad value raises SettingError naming the variable, which the
+entry point turns into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "REGISTRY_"
 
@@ -37,8 +43,23 @@ class SettingError(Exception):
         super().__init__(f"{self.variable} ({self.flag}): {message}")
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (given as init values) over the environment; no .env files or
+        # secret directories: systemd's EnvironmentFile= is the one place.
+        return (init_settings, env_settings)
 
     # NATS
     nats_url: str = "nats://127.0.0.1:4222"
@@ -180,24 +201,19 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper())
 
 
-def load(env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Settings:
-    raw: dict[str, Any] = {}
-    for name in FIELDS:
-        value = env.get(ENV_PREFIX + name.upper())
-        if value is not None and value != "":
-            raw[name] = value
-    for name, value in (flags or {}).items():
-        if name in FIELDS:
-            raw[name] = value
+def load(flags: Mapping[str, Any] | None = None) -> Settings:
+    """The settings of this process: its REGISTRY_* environment, overridden by
+    `flags` (a mapping of setting names; anything else in it is ignored)."""
+    given = {name: value for name, value in (flags or {}).items() if name in FIELDS}
     try:
-        return Settings.model_validate(raw)
+        return Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "settings"
         message = first["msg"].removeprefix("Value error, ")
-        given = raw.get(field)
-        if given is not None and field not in _SECRET_FIELDS:
-            message = f"{message}, got {given!r}"
+        value = first.get("input")
+        if isinstance(value, str | int | float) and field not in _SECRET_FIELDS:
+            message = f"{message}, got {value!r}"
         raise SettingError(field, message) from None
 
 
