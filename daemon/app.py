@@ -30,6 +30,7 @@ from daemon.errors import Unavailable
 from daemon.events import Events
 from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
+from daemon.retry import retrying
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService, error_reply
 from daemon.sweep import Sweep
@@ -237,21 +238,16 @@ def nats_options(s: Settings, *, intents: bool = False) -> dict[str, Any]:
 
 async def ensure_stream(intents: IntentStore) -> None:
     """Create or update the intent stream, waiting while JetStream is not there."""
-    delay = 0.2
-    while True:
-        try:
-            await intents.ensure_stream()
-            return
-        except (
+    await retrying(
+        intents.ensure_stream,
+        retry_on=(
             nats.errors.TimeoutError,
             nats.js.errors.ServiceUnavailableError,
             nats.errors.NoRespondersError,
-        ) as exc:
-            log.warning(
-                "JetStream not available (%s); retrying in %.1fs", exc or type(exc).__name__, delay
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        ),
+        log=log,
+        what="JetStream not available",
+    )
 
 
 class Drops:
@@ -311,26 +307,30 @@ async def connect_nats(s: Settings, purpose: str = "") -> NATS:
     async def closed() -> None:
         log.info("%s connection closed", which)
 
-    delay = 0.2
-    while True:
-        try:
-            options = nats_options(s, intents=purpose == "intents")
-            if purpose:
-                options["name"] += f" ({purpose})"
-            nc = await nats.connect(
-                **options,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                connect_timeout=5,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-                closed_cb=closed,
-                # Reconnecting, keep up to 64 MiB of replies and events to send.
-                pending_size=64 * 1024 * 1024,
-            )
-            return nc
-        except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
-            log.warning("NATS not reachable (%s); retrying in %.1fs", exc or type(exc), delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    nc: NATS
+
+    async def attempt() -> NATS:
+        nonlocal nc
+        options = nats_options(s, intents=purpose == "intents")
+        if purpose:
+            options["name"] += f" ({purpose})"
+        nc = await nats.connect(
+            **options,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            closed_cb=closed,
+            # Reconnecting, keep up to 64 MiB of replies and events to send.
+            pending_size=64 * 1024 * 1024,
+        )
+        return nc
+
+    return await retrying(
+        attempt,
+        retry_on=(OSError, TimeoutError, nats.errors.NoServersError),
+        log=log,
+        what=f"{which} not reachable",
+    )

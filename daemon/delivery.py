@@ -45,6 +45,7 @@ from daemon.config import Settings
 from daemon.db import Database
 from daemon.events import Events
 from daemon.intents import Changed, IntentStore, Stored
+from daemon.retry import Backoff, Outage
 from subjects import node_status
 
 log = logging.getLogger("registryd.delivery")
@@ -92,7 +93,8 @@ class Delivery:
 
     async def run(self) -> None:
         """Fetch and handle due intents until cancelled; outages are waited out."""
-        failing = False
+        outage = Outage(log, "intent delivery paused: {cause}", "intent delivery resumed")
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 if self._subscription is None:
@@ -107,15 +109,12 @@ class Delivery:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not failing:
-                    log.warning("intent delivery paused: %s", exc or type(exc).__name__)
-                    failing = True
+                outage.failed(exc)
                 await self._drop_subscription()
-                await asyncio.sleep(1.0)
+                await backoff.wait()
                 continue
-            if failing:
-                log.info("intent delivery resumed")
-                failing = False
+            outage.ended()
+            backoff.reset()
             for msg in msgs:
                 await self._slots.acquire()
                 task = asyncio.create_task(self._handle_safely(msg), name="deliver-intent")

@@ -31,6 +31,7 @@ from typing import Any
 from daemon.db import Database
 from daemon.errors import Unavailable, classify
 from daemon.logs import Throttle
+from daemon.retry import Backoff, Outage
 
 log = logging.getLogger("registryd.heartbeats")
 
@@ -87,7 +88,11 @@ class Heartbeats:
         self._writing: dict[str, Reading] = {}
         self._overlap = 0  # ids both being written and pending again
         self._wake = asyncio.Event()
-        self._failing: str | None = None
+        self._outage = Outage(
+            log,
+            "database unreachable ({cause})",
+            "database reachable again: heartbeats written",
+        )
         self._dropped = 0
         self._drops = Throttle()
 
@@ -142,29 +147,23 @@ class Heartbeats:
 
     async def run(self) -> None:
         """The writer: a batch per statement, for as long as the daemon runs."""
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 try:
                     await self._flush_once()
-                    delay = 0.1
+                    backoff.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     if classify(exc) is None:
                         log.error("writing heartbeats failed", exc_info=exc)
-                    elif self._failing is None:
-                        log.warning(
-                            "database unreachable: %d heartbeat(s) kept to write when it "
-                            "returns (%s)",
-                            len(self._pending),
-                            exc or type(exc).__name__,
-                        )
-                    self._failing = str(exc) or type(exc).__name__
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    else:
+                        kept = f": {len(self._pending)} heartbeat(s) kept to write when it returns"
+                        self._outage.failed(exc, kept)
+                    await backoff.wait()
 
     async def _flush_once(self) -> None:
         batch = dict(itertools.islice(self._pending.items(), MAX_BATCH))
@@ -188,11 +187,9 @@ class Heartbeats:
         finally:
             self._writing = {}
             self._overlap = 0
-        if self._failing is not None:
+        if self._outage.on:
             held = self._drops.held()
-            more = f" ({held} more dropped while the buffer was full)" if held else ""
-            log.info("database reachable again: heartbeats written%s", more)
-            self._failing = None
+            self._outage.ended(f" ({held} more dropped while the buffer was full)" if held else "")
         found = {r[0] for r in rows}
         for node_id, reading in batch.items():
             for waiter in reading.waiters:

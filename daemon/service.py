@@ -48,6 +48,7 @@ from daemon.errors import (
     classify,
 )
 from daemon.logs import Throttle
+from daemon.retry import Outage
 from daemon.turns import Turns, Work
 from subjects import OPERATIONS
 from subjects.base import Context, Operation, Reply, Request
@@ -60,23 +61,6 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 JSON_OPTIONS = orjson.OPT_UTC_Z
 PENDING_MSGS = 100_000  # per endpoint, read from NATS and not yet dispatched
-
-
-class Health:
-    """Says once when requests start failing with 503, and once when they stop."""
-
-    def __init__(self) -> None:
-        self.failing: str | None = None
-
-    def unavailable(self, why: str) -> None:
-        if self.failing is None:
-            log.warning("requests get 503 until it returns: %s", why)
-        self.failing = why
-
-    def ok(self) -> None:
-        if self.failing is not None:
-            log.info("requests served again after: %s", self.failing)
-            self.failing = None
 
 
 class Refusals:
@@ -177,7 +161,7 @@ class RegistryEndpoint:
         ctx: Context,
         turns: Turns,
         replies: Replies,
-        health: Health,
+        health: Outage,
         refusals: Refusals,
     ) -> None:
         self.name = op.name
@@ -255,13 +239,13 @@ class RegistryEndpoint:
     async def _handle(self, msg: Msg, request: Request, started: int) -> None:
         try:
             body, headers = await self._answer(request)
-            self._health.ok()
+            self._health.ended()
         except Exception as exc:
             err = self._internal(exc)
             # What the handlers meet (the database away, a wrong token) is
             # worth an operator's attention; a bad or shed request is not.
             if isinstance(err, Unavailable):
-                self._health.unavailable(err.message)
+                self._health.failed(err.message)
             elif isinstance(err, Unauthorized):
                 self._refusals.note(self._op.name, err, source_of(msg))
             body, headers = self._failed(err)
@@ -382,7 +366,12 @@ class RegistryService:
         # hundreds of requests in flight, while others still get theirs.
         self._turns = Turns(limit, per_requester=max(1, limit // 4))
         self.replies = Replies(ctx.settings.reply_prefix_list)
-        self._health = Health()
+        self._health = Outage(
+            log,
+            "requests get 503 until it returns: {cause}",
+            "requests served again after: {cause}",
+            per_cause=False,
+        )
         self._refusals = Refusals()
         self.id = NUID().next().decode()
         self._started = datetime.now(UTC)

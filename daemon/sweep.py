@@ -30,6 +30,7 @@ from daemon.db import Database
 from daemon.errors import classify
 from daemon.events import Events
 from daemon.intents import IntentStore
+from daemon.retry import Outage
 from subjects import node_status
 
 log = logging.getLogger("registryd.sweep")
@@ -76,7 +77,7 @@ class Sweep:
         self.db = db
         self.events = events
         self.intents = intents
-        self._failing: dict[str, str] = {}  # job -> the error already logged
+        self._outages: dict[str, Outage] = {}  # per job
 
     async def run(self) -> None:
         while True:
@@ -87,23 +88,18 @@ class Sweep:
     async def _guarded(self, job: str, round_: Callable[[], Awaitable[None]]) -> None:
         """One round of a job; a failure is logged when an outage starts (or
         its cause changes) and when it ends, never on every tick."""
+        outage = self._outages.get(job)
+        if outage is None:
+            every = f"; retrying every {self.settings.check_interval:g}s"
+            outage = self._outages[job] = Outage(
+                log, job + " failed: {cause}" + every, job + " working again"
+            )
         try:
             await round_()
         except Exception as exc:
-            described = describe(exc)
-            if self._failing.get(job) != described:
-                unexpected = classify(exc) is None
-                log.warning(
-                    "%s failed: %s; retrying every %gs",
-                    job,
-                    described,
-                    self.settings.check_interval,
-                    exc_info=exc if unexpected else None,
-                )
-                self._failing[job] = described
+            outage.failed(exc, traceback=exc if classify(exc) is None else None)
             return
-        if self._failing.pop(job, None) is not None:
-            log.info("%s working again", job)
+        outage.ended()
 
     async def sweep_nodes(self) -> None:
         s = self.settings
@@ -117,8 +113,3 @@ class Sweep:
         released = await self.db.fetchval(EXPIRE_LEASES)
         if released:
             log.info("released %d expired lease(s)", released)
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
