@@ -8,6 +8,7 @@ worker `Agent`.
         print(node.name, node.status, node.labels)
 """
 
+from registryd.agent import Agent
 from registryd.client import Registry
 from registryd.errors import (
     BadRequest,
@@ -36,6 +37,7 @@ from registryd.models import (
 )
 
 __all__ = [
+    "Agent",
     "AuthRefs",
     "BadRequest",
     "Conflict",

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -104,7 +103,7 @@ class Registry:
         from daemon.app import nats_options
 
         if settings is None:
-            settings = config.load(os.environ)
+            settings = config.load()  # the REGISTRY_* environment
         opts: dict[str, Any] = nats_options(settings) | {
             "name": name,
             "max_reconnect_attempts": -1,
@@ -331,7 +330,7 @@ class Registry:
 
     async def offline_self(self, node_id: str) -> None:
         """A worker marks its own node offline, on `<prefix>.offline.<node_id>`."""
-        await self.call(f"offline.{node_id}", {})
+        await self.call(f"offline.{node_id}", {"node_id": node_id})
 
     async def own_node(self, node_id: str) -> NodeWithExtras:
         """A worker reads its own node, on `<prefix>.self.<node_id>`."""

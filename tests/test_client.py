@@ -233,7 +233,7 @@ async def test_replicas_and_models(registry: Registry, pg: asyncpg.Connection) -
     with_model = [n async for n in registry.nodes_with_model("m", page_size=1)]
     assert sorted(n.name for n in with_model) == ["a", "b"]
     page = await registry.nodes_with_model_page("m")
-    assert [(n.name, n.model_in_flight) for n in page.items] == [("b", 0), ("a", 0)]
+    assert sorted((n.name, n.model_in_flight) for n in page.items) == [("a", 0), ("b", 0)]
 
     await registry.replica_touch(b.id, "m")  # b's replica is the most recently used now
     assert (await registry.lru(a.id)).replica_index == 0
@@ -474,3 +474,13 @@ async def test_connect_with_the_daemons_own_settings(daemon: Daemon) -> None:
         node = await registry.register("gpu-1", address="a:1")
         assert (await registry.get(name="gpu-1")).id == node.id
     assert registry.nc.is_closed
+
+
+async def test_connect_reads_the_environment(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REGISTRY_NATS_URL", daemon.settings.nats_url)
+    monkeypatch.setenv("REGISTRY_SUBJECT_PREFIX", daemon.settings.subject_prefix)
+    async with await Registry.connect() as registry:
+        await registry.register("gpu-1", address="a:1")
+        assert [n.name async for n in registry.nodes()] == ["gpu-1"]

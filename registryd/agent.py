@@ -1,0 +1,443 @@
+"""A worker agent: register, heartbeat free VRAM, re-register, go offline.
+
+For workers that are not LocalAI's (vLLM, SGLang, llama.cpp servers), as
+`registryd agent`, or embedded in a Python worker:
+
+    registry = await Registry.connect()
+    agent = Agent(registry, "gpu-1", address="10.0.0.5:8000", vram=nvml_vram())
+    task = asyncio.create_task(agent.run())
+    ...
+    agent.stop(); await task                   # the node is marked offline
+
+The agent registers, then heartbeats every `interval` seconds on
+`<prefix>.heartbeat.<node_id>` with the free VRAM its `VramSource` reads. It
+sends the heartbeat as a request (every one by default, or one every
+`confirm_every` seconds, publishing the others) so that it hears when the
+registry no longer knows the node (deregistered by an admin, or the database
+rebuilt) and registers again. Daemon and NATS restarts are ridden out:
+nats-py reconnects for ever, and a request that finds no daemon, times out or
+gets 503 is retried at the next heartbeat (registration with backoff). Other
+errors (a wrong token: 401; a bad field: 400) end `run` with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, Protocol
+
+from registryd.client import Registry
+from registryd.errors import NoResponders, NotFound, RegistryError, Unavailable
+from registryd.models import Node
+
+log = logging.getLogger("registryd.agent")
+
+
+# ---------------------------------------------------------------- free VRAM
+
+
+@dataclass(frozen=True)
+class Vram:
+    """A reading: free and total VRAM in bytes (None: not known)."""
+
+    available: int | None = None
+    total: int | None = None
+
+
+class VramSource(Protocol):
+    """Where the agent reads free VRAM from, once per heartbeat."""
+
+    description: str
+    gpu_vendor: str | None
+
+    async def read(self) -> Vram: ...
+
+    def close(self) -> None: ...
+
+
+class FixedVram:
+    """Fixed figures (`--available-vram`, `--total-vram`), or none at all."""
+
+    gpu_vendor: str | None = None
+
+    def __init__(self, available: int | None = None, total: int | None = None) -> None:
+        self.reading = Vram(available, total)
+        self.description = "fixed figures" if available or total else "no VRAM figures"
+
+    async def read(self) -> Vram:
+        return self.reading
+
+    def close(self) -> None:
+        pass
+
+
+class CommandVram:
+    """A shell command that prints the free bytes (optionally then the total)."""
+
+    gpu_vendor: str | None = None
+
+    def __init__(self, command: str, total: int | None = None, timeout_s: float = 10.0) -> None:
+        self.command = command
+        self.total = total
+        self.timeout_s = timeout_s
+        self.description = f"the command {command!r}"
+
+    async def read(self) -> Vram:
+        proc = await asyncio.create_subprocess_shell(
+            self.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a group of its own, so a timeout ends all of it
+        )
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            log.warning("VRAM command %r took over %gs; no reading", self.command, self.timeout_s)
+            return Vram(None, self.total)
+        numbers = re.findall(rb"\d+", out)
+        if proc.returncode != 0 or not numbers:
+            detail = (err or out).decode(errors="replace").strip()[:200]
+            log.warning(
+                "VRAM command %r failed (exit %s): %s", self.command, proc.returncode, detail
+            )
+            return Vram(None, self.total)
+        total = int(numbers[1]) if len(numbers) > 1 else self.total
+        return Vram(int(numbers[0]), total)
+
+    def close(self) -> None:
+        pass
+
+
+class NvmlVram:
+    """Free and total VRAM of every NVIDIA GPU of this host, summed (NVML,
+    through `pynvml` from the `nvidia-ml-py` package: the `nvml` extra)."""
+
+    gpu_vendor: str | None = "nvidia"
+
+    def __init__(self, nvml: ModuleType) -> None:
+        self._nvml = nvml
+        nvml.nvmlInit()
+        self.devices = int(nvml.nvmlDeviceGetCount())
+        self.description = f"NVML ({self.devices} GPU{'s' if self.devices != 1 else ''})"
+
+    def _read(self) -> Vram:
+        free = total = 0
+        for index in range(self.devices):
+            info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(index))
+            free += int(info.free)
+            total += int(info.total)
+        return Vram(free, total)
+
+    async def read(self) -> Vram:
+        try:
+            # NVML calls block (a GPU that fell off the bus can take seconds).
+            return await asyncio.to_thread(self._read)
+        except Exception as exc:
+            log.warning("NVML could not read GPU memory: %s", exc)
+            return Vram()
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception as exc:
+            log.debug("nvmlShutdown failed: %s", exc)
+
+
+def nvml_vram() -> NvmlVram | None:
+    """NVML when `pynvml` is installed and finds a driver; else None."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        return NvmlVram(pynvml)
+    except Exception as exc:  # no driver, no GPU: NVMLError of some kind
+        log.info("NVML not usable (%s); not reading VRAM from it", exc)
+        return None
+
+
+def vram_source(
+    available: int | None = None, total: int | None = None, command: str | None = None
+) -> VramSource:
+    """What the agent reads: a command or fixed figures when given, else NVML
+    when it works, else nothing (heartbeats then carry no VRAM figures)."""
+    if command:
+        return CommandVram(command, total)
+    if available is not None or total is not None:
+        return FixedVram(available, total)
+    return nvml_vram() or FixedVram()
+
+
+def available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def total_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- the agent
+
+
+class Backoff:
+    """Waits that double from `first` to `cap`, with jitter so that a fleet
+    does not retry in step after a daemon restart."""
+
+    def __init__(self, first: float = 0.2, cap: float = 10.0) -> None:
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def next(self) -> float:
+        wait = self._next
+        self._next = min(self._next * 2, self.cap)
+        return wait * random.uniform(0.75, 1.25)
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+class Outage:
+    """Logs a failing call once when it starts failing and once when it works
+    again, instead of at every attempt."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None
+
+    def failed(self, exc: RegistryError) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s failed: %s; retrying", self.what, exc.message)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s works again after %.0fs", self.what, time.monotonic() - self.since)
+            self.since = None
+
+
+class Agent:
+    """Keeps one worker registered and heartbeating until `stop()`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        *,
+        address: str | None = None,
+        http_address: str | None = None,
+        node_type: Literal["backend", "agent"] | None = None,
+        labels: Mapping[str, str] | None = None,
+        token: str | None = None,
+        node_key: str | None = None,
+        gpu_vendor: str | None = None,
+        max_replicas_per_model: int | None = None,
+        vram: VramSource | None = None,
+        interval: float = 5.0,
+        confirm_every: float | None = None,
+        report_ram: bool = True,
+        offline_within: float = 5.0,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.registry = registry
+        self.name = name
+        self.vram = vram or FixedVram()
+        self.interval = interval
+        self.confirm_every = confirm_every
+        self.report_ram = report_ram
+        self.offline_within = offline_within
+        self._registration: dict[str, Any] = {
+            "address": address,
+            "http_address": http_address,
+            "node_type": node_type,
+            "labels": labels,
+            "token": token,
+            "node_key": node_key,
+            "gpu_vendor": gpu_vendor or self.vram.gpu_vendor,
+            "max_replicas_per_model": max_replicas_per_model,
+        }
+        self.node: Node | None = None
+        self.registrations = 0  # how many times it registered (re-registrations too)
+        self.confirmed = 0  # heartbeats the registry answered
+        self.registered = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._last_confirmed = float("-inf")
+        self._heartbeats = Outage("heartbeat")
+        self._registering = Outage("registration")
+
+    @property
+    def node_id(self) -> str | None:
+        return self.node.id if self.node is not None else None
+
+    @property
+    def heartbeats_failing(self) -> bool:
+        """Whether the last heartbeat that asked for a reply got none (or a 503)."""
+        return self._heartbeats.since is not None
+
+    def stop(self) -> None:
+        """Ask `run` to mark the node offline and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Register and heartbeat until stop(); then mark the node offline."""
+        try:
+            while not self._stopping.is_set():
+                if self.node is None:
+                    await self._register()
+                    continue
+                await self._beat()
+                await self._pause(self.interval)
+        finally:
+            if self.node is not None:
+                await self._go_offline(self.node)
+            self.vram.close()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop()."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+    async def _register(self) -> None:
+        backoff = Backoff(cap=max(self.interval, 1.0))
+        while not self._stopping.is_set():
+            reading = await self.vram.read()
+            try:
+                node = await self.registry.register(
+                    self.name,
+                    **self._registration,
+                    total_vram=reading.total,
+                    available_vram=reading.available,
+                    total_ram=total_ram() if self.report_ram else None,
+                    available_ram=available_ram() if self.report_ram else None,
+                )
+            except Unavailable as exc:
+                self._registering.failed(exc)
+                await self._pause(backoff.next())
+                continue
+            self._registering.ok()
+            self.node = node
+            self.registrations += 1
+            self._last_confirmed = time.monotonic()  # registering counts as being known
+            log.info("registered %s as node %s, %s", self.name, node.id, node.status)
+            self.registered.set()
+            return
+
+    async def _beat(self) -> None:
+        assert self.node is not None
+        reading = await self.vram.read()
+        fields: dict[str, Any] = {
+            "available_vram": reading.available,
+            "total_vram": reading.total,
+            "available_ram": available_ram() if self.report_ram else None,
+        }
+        now = time.monotonic()
+        confirm = self.confirm_every is None or now - self._last_confirmed >= self.confirm_every
+        try:
+            await self.registry.heartbeat(self.node.id, **fields, wait=confirm)
+        except NotFound:
+            log.warning(
+                "the registry does not know node %s (deregistered, or its database was "
+                "rebuilt); registering %s again",
+                self.node.id,
+                self.name,
+            )
+            self.node = None
+            return
+        except Unavailable as exc:
+            self._heartbeats.failed(exc)
+            return
+        if confirm:
+            self._heartbeats.ok()
+            self._last_confirmed = now
+            self.confirmed += 1
+
+    async def _go_offline(self, node: Node) -> None:
+        """Mark the node offline on its own subject (`<prefix>.offline.<id>`;
+        the shared `offline` for a daemon older than v1.2), retrying 503s for
+        `offline_within` seconds at most."""
+        backoff = Backoff(first=0.1, cap=1.0)
+        deadline = time.monotonic() + self.offline_within
+        own_subject = True
+        while True:
+            try:
+                if own_subject:
+                    await self.registry.offline_self(node.id)
+                else:
+                    await self.registry.offline(node.id)
+                log.info("node %s (%s) marked offline", self.name, node.id)
+                return
+            except NoResponders as exc:
+                if own_subject:
+                    own_subject = False  # perhaps a daemon without per-node subjects
+                    continue
+                failure: RegistryError = exc
+            except Unavailable as exc:
+                failure = exc
+            except RegistryError as exc:  # 404: deregistered meanwhile; nothing to mark
+                log.warning("could not mark %s offline: %s", node.id, exc)
+                return
+            own_subject = True
+            wait = min(backoff.next(), deadline - time.monotonic())
+            if wait <= 0:
+                log.warning("could not mark %s offline: %s", node.id, failure.message)
+                return
+            await asyncio.sleep(wait)
+
+
+# ---------------------------------------------------------------- sizes
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kib": 2**10,
+    "kb": 10**3,
+    "m": 2**20,
+    "mib": 2**20,
+    "mb": 10**6,
+    "g": 2**30,
+    "gib": 2**30,
+    "gb": 10**9,
+    "t": 2**40,
+    "tib": 2**40,
+    "tb": 10**12,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count: 25769803776, 24GiB, 24G (binary), 24GB (decimal), 1.5GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"not a byte count: {text!r} (e.g. 25769803776, 24GiB, 24GB)")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -1,0 +1,221 @@
+"""The `registryd` subcommands built on the client: the worker agent, and the
+admin commands for people.
+
+daemon/cli.py adds them to its parser (`add`) and hands them their parsed
+arguments and settings (`run`). Exit codes are those of `registryd call`: 0
+done, 1 an error reply or no registry reachable, 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from daemon import logs
+from daemon.config import Settings
+from registryd.agent import Agent, parse_bytes, vram_source
+from registryd.client import Registry
+from registryd.errors import RegistryError
+
+log = logging.getLogger("registryd.agent")
+
+EXIT_ERROR = 1
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def add(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add the client's subcommands to `registryd`'s subparsers."""
+    agent = commands.add_parser(
+        "agent",
+        parents=[common],
+        help="register this worker and heartbeat its free VRAM until stopped",
+        description="Register a worker (vLLM, SGLang, llama.cpp server, ...) with the "
+        "registry, heartbeat its free VRAM every --interval, register it again when the "
+        "registry forgets it, and mark it offline on SIGTERM/SIGINT. Free VRAM comes from "
+        "--vram-command or --available-vram when given, else from NVML when nvidia-ml-py "
+        "is installed (pip install 'registryd[nvml]').",
+    )
+    agent.add_argument("--name", default=socket.gethostname(), help="node name (the host name)")
+    agent.add_argument("--address", help="host:port of the worker's server (backend nodes)")
+    agent.add_argument("--http-address", help="host:port of the worker's HTTP API")
+    agent.add_argument("--node-type", choices=("backend", "agent"), help="backend by default")
+    agent.add_argument(
+        "--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    agent.add_argument("--token", help="registration token (default REGISTRY_REGISTRATION_TOKEN)")
+    agent.add_argument(
+        "--node-key-file", type=Path, help="file holding this node's key (16-256 characters)"
+    )
+    agent.add_argument("--gpu-vendor", help="nvidia, amd, ... (nvidia with NVML)")
+    agent.add_argument("--max-replicas", type=int, help="replicas per model this node can host")
+    agent.add_argument("--interval", type=_seconds, default=5.0, help="heartbeat period (5 s)")
+    agent.add_argument(
+        "--confirm-every",
+        type=_seconds,
+        help="seconds between heartbeats sent as requests, the others being published "
+        "(default: every heartbeat is a request)",
+    )
+    agent.add_argument("--available-vram", type=_bytes, metavar="BYTES", help="e.g. 20GiB")
+    agent.add_argument("--total-vram", type=_bytes, metavar="BYTES", help="e.g. 24GiB")
+    agent.add_argument(
+        "--vram-command", metavar="COMMAND", help="shell command printing the free bytes"
+    )
+
+
+NAMES = ("agent",)
+
+
+def run(
+    command: str, args: argparse.Namespace, settings: Settings, explicit: Mapping[str, Any]
+) -> int:
+    """Run one of the subcommands in NAMES; its exit code."""
+    if command == "agent":
+        logs.setup(settings.log_format, settings.log_level)
+        return asyncio.run(agent_main(settings, args))
+    raise ValueError(f"not a client command: {command}")
+
+
+# ---------------------------------------------------------------- registryd agent
+
+
+async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
+    token = args.token
+    if token is None and settings.registration_token is not None:
+        token = settings.registration_token.get_secret_value()
+    node_key = None
+    if args.node_key_file is not None:
+        try:
+            node_key = args.node_key_file.read_text().strip()
+        except OSError as exc:
+            log.error("cannot read the node key: %s", exc)
+            return 2
+    vram = vram_source(args.available_vram, args.total_vram, args.vram_command)
+    log.info("agent for %s: free VRAM from %s", args.name, vram.description)
+
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if signals:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        signals.append(signum)
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    connecting = asyncio.create_task(_connect(settings, args.name))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():  # stopped before NATS was ever reached
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            vram.close()
+            return 0
+        registry = connecting.result()
+        agent = Agent(
+            registry,
+            args.name,
+            address=args.address,
+            http_address=args.http_address,
+            node_type=args.node_type,
+            labels=dict(args.label) or None,
+            token=token,
+            node_key=node_key,
+            gpu_vendor=args.gpu_vendor,
+            max_replicas_per_model=args.max_replicas,
+            vram=vram,
+            interval=args.interval,
+            confirm_every=args.confirm_every,
+        )
+        running = asyncio.create_task(agent.run(), name="agent")
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        agent.stop()
+        try:
+            await running
+        except RegistryError as exc:
+            log.error("the registry refused %s: %s", args.name, exc)
+            return EXIT_ERROR
+        finally:
+            await registry.close()
+        return 0
+    finally:
+        stopped.cancel()
+
+
+async def _connect(settings: Settings, name: str) -> Registry:
+    """A connection that waits for NATS and reconnects for ever, logging each
+    loss and recovery once."""
+    nc_state: dict[str, bool] = {"up": False}
+
+    async def disconnected() -> None:
+        if nc_state["up"]:
+            nc_state["up"] = False
+            nc_state["told"] = True  # no "not reachable" line for its retries
+            log.warning("NATS connection lost; reconnecting")
+
+    async def reconnected() -> None:
+        nc_state["up"] = True
+        nc_state["told"] = False
+        log.info("NATS reconnected")
+
+    async def error(exc: Exception) -> None:
+        # nats-py reports every failed attempt: log the first of an outage.
+        if nc_state["up"] or nc_state.get("told"):
+            log.debug("NATS: %s", exc or type(exc).__name__)
+            return
+        nc_state["told"] = True
+        log.warning("NATS not reachable yet (%s); retrying", exc or type(exc).__name__)
+
+    registry = await Registry.connect(
+        settings,
+        name=f"registryd agent {name}",
+        request_timeout=5.0,
+        reconnect_time_wait=1,
+        connect_timeout=5,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+    )
+    nc_state["up"] = True
+    return registry

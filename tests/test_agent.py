@@ -1,0 +1,399 @@
+"""The worker agent against a real daemon: registration, heartbeats, restarts of
+the daemon and of nats-server, deregistration, SIGTERM; and NVML's readings
+through a fake `pynvml` (there is no GPU here)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from nats.aio.client import Client as NATS
+
+from daemon import embedded
+from daemon.app import Daemon
+from registryd import Registry
+from registryd.agent import (
+    Agent,
+    CommandVram,
+    FixedVram,
+    NvmlVram,
+    Vram,
+    parse_bytes,
+    vram_source,
+)
+from tests.support import Registryd, connect, eventually
+
+GiB = 2**30
+FAST = 0.1  # heartbeat interval of the agents in these tests
+
+
+class Settable:
+    """A VRAM source a test changes as it goes."""
+
+    description = "the test"
+    gpu_vendor = "testgpu"
+
+    def __init__(self, available: int, total: int) -> None:
+        self.reading = Vram(available, total)
+        self.closed = False
+
+    async def read(self) -> Vram:
+        return self.reading
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await connect(nats_url)
+    yield conn
+    await conn.close()
+
+
+class Running:
+    """An agent running in a task of the test; stopped (and awaited) at the end."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.task = asyncio.create_task(agent.run())
+
+    async def stop(self) -> None:
+        self.agent.stop()
+        await asyncio.wait_for(self.task, 10)
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[Callable[[Agent], Running]]:
+    started: list[Running] = []
+
+    def start(agent: Agent) -> Running:
+        running = Running(agent)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if not running.task.done():
+            await running.stop()
+
+
+async def node_row(pg: asyncpg.Connection, name: str) -> asyncpg.Record | None:
+    return await pg.fetchrow(
+        "SELECT id, status, available_vram, total_vram, last_heartbeat FROM nodes WHERE name = $1",
+        name,
+    )
+
+
+async def beats_after(agent: Agent, count: int) -> None:
+    """Wait until the registry has answered `count` more heartbeats of the agent."""
+    target = agent.confirmed + count
+    await eventually(
+        lambda: _true(agent.confirmed >= target), f"{count} confirmed heartbeats", within=20
+    )
+
+
+async def _true(value: bool) -> bool | None:
+    return value or None
+
+
+async def test_the_agent_registers_heartbeats_and_goes_offline(
+    daemon: Daemon, nc: NATS, pg: asyncpg.Connection, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    vram = Settable(20 * GiB, 24 * GiB)
+    agent = Agent(
+        registry,
+        "gpu-1",
+        address="10.0.0.5:8000",
+        labels={"engine": "vllm"},
+        vram=vram,
+        interval=FAST,
+        confirm_every=3600,  # one heartbeat confirmed, the others published
+    )
+    running = agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    node = await registry.get(name="gpu-1")
+    assert node.id == agent.node_id and node.status == "pending"
+    assert (node.available_vram, node.total_vram, node.gpu_vendor) == (
+        20 * GiB,
+        24 * GiB,
+        "testgpu",
+    )
+    assert node.labels["engine"] == "vllm" and node.address == "10.0.0.5:8000"
+    assert node.total_ram > 0
+    await registry.approve(node.id)
+
+    vram.reading = Vram(7 * GiB, 24 * GiB)  # a model loaded: published heartbeats say so
+
+    async def updated() -> bool | None:
+        row = await node_row(pg, "gpu-1")
+        return (row is not None and row["available_vram"] == 7 * GiB) or None
+
+    await eventually(updated, "the published heartbeat with the new free VRAM")
+    assert agent.registrations == 1
+
+    await running.stop()
+    row = await node_row(pg, "gpu-1")
+    assert row is not None and row["status"] == "offline"
+    assert vram.closed
+
+
+async def test_the_agent_registers_again_when_an_admin_deregisters_it(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent = Agent(registry, "gpu-1", address="a:1", vram=FixedVram(1, 2), interval=FAST)
+    agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    first = agent.node_id
+    assert first is not None
+    await registry.deregister(first)
+
+    async def back() -> str | None:
+        try:
+            node = await registry.get(name="gpu-1")
+        except Exception:
+            return None
+        return node.id if node.id != first else None
+
+    second = await eventually(back, "the agent to register again")
+    assert agent.node_id == second and agent.registrations == 2
+
+
+async def test_the_agent_rides_out_a_daemon_restart(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    nc: NATS,
+    pg: asyncpg.Connection,
+    agents: Callable[[Agent], Running],
+) -> None:
+    daemon = await start_daemon()
+    registry = Registry(nc, daemon.settings.subject_prefix, timeout=2)
+    agent = Agent(registry, "gpu-1", address="a:1", vram=FixedVram(1, 2), interval=FAST)
+    agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    await beats_after(agent, 1)
+
+    await daemon.stop(grace=5)  # nobody answers: heartbeats find no responders
+    await eventually(lambda: _true(agent.heartbeats_failing), "a heartbeat to fail")
+    row = await node_row(pg, "gpu-1")
+    assert row is not None
+    stopped_at = row["last_heartbeat"]
+    confirmed = agent.confirmed
+
+    await start_daemon()  # the same database, prefix and settings
+    await beats_after(agent, 2)
+    assert agent.confirmed > confirmed and agent.registrations == 1  # same node, not a new one
+    row = await node_row(pg, "gpu-1")
+    assert row is not None and row["last_heartbeat"] > stopped_at
+
+
+class OwnNats:
+    """A nats-server of this test's own, stopped and started on the same port."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.port = embedded.free_port()
+        self.server = embedded.start_nats(store, self.port)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server = embedded.start_nats(self.store, self.port)
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[OwnNats]:
+    server = OwnNats(tmp_path / "nats")
+    yield server
+    server.stop()
+
+
+async def test_the_agent_rides_out_a_nats_restart(
+    own_nats: OwnNats,  # first: torn down after the daemon
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    pg: asyncpg.Connection,
+    agents: Callable[[Agent], Running],
+) -> None:
+    daemon = await start_daemon(nats_url=own_nats.url)
+    registry = await Registry.connect(daemon.settings, request_timeout=1, reconnect_time_wait=0.2)
+    try:
+        agent = Agent(registry, "gpu-1", address="a:1", vram=FixedVram(1, 2), interval=FAST)
+        running = agents(agent)
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        await beats_after(agent, 1)
+
+        own_nats.stop()
+        await eventually(lambda: _true(agent.heartbeats_failing), "a heartbeat to fail")
+        row = await node_row(pg, "gpu-1")
+        assert row is not None
+        stopped_at = row["last_heartbeat"]
+        confirmed = agent.confirmed
+        own_nats.start()
+
+        await beats_after(agent, 2)  # the agent and the daemon are both back
+        assert agent.confirmed > confirmed and agent.registrations == 1
+        row = await node_row(pg, "gpu-1")
+        assert row is not None and row["last_heartbeat"] > stopped_at
+        await running.stop()
+        assert (await node_row(pg, "gpu-1"))["status"] == "offline"  # type: ignore[index]
+    finally:
+        await registry.close()
+
+
+async def test_registryd_agent_goes_offline_on_sigterm_and_exits_0(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+    pg: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    daemon = await start_daemon(registration_token="s3cret")
+    key = tmp_path / "node.key"
+    key.write_text("a-node-key-of-32-characters-....\n")
+    env = daemon_env | {
+        "REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix,
+        "REGISTRY_REGISTRATION_TOKEN": "s3cret",  # the token, from the environment
+    }
+    agent = await spawn(
+        "agent",
+        "--name=worker-7",
+        "--address=10.0.0.7:8000",
+        "--label=engine=sglang",
+        "--interval=0.2",
+        "--vram-command=echo 12345",
+        "--total-vram=24GiB",
+        f"--node-key-file={key}",
+        env=env,
+    )
+
+    async def registered() -> asyncpg.Record | None:
+        agent.assert_running()
+        row = await node_row(pg, "worker-7")
+        return row if row is not None and row["available_vram"] == 12345 else None
+
+    row = await eventually(registered, "registryd agent to register worker-7")
+    assert row["total_vram"] == 24 * GiB and row["status"] == "pending"
+    labels = await pg.fetchval(
+        "SELECT jsonb_object_agg(key, value) FROM node_labels WHERE node_id = $1", row["id"]
+    )
+    assert '"engine": "sglang"' in labels
+    nc = await connect(daemon.settings.nats_url)
+    try:
+        await Registry(nc, daemon.settings.subject_prefix).approve(row["id"])
+    finally:
+        await nc.close()
+
+    agent.send(signal.SIGTERM)
+    assert await agent.exit_code() == 0, agent.output()
+    assert (await node_row(pg, "worker-7"))["status"] == "offline"  # type: ignore[index]
+    assert "marked offline" in agent.output()
+
+
+async def test_registryd_agent_with_a_wrong_token_exits_1(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+) -> None:
+    daemon = await start_daemon(registration_token="s3cret")
+    env = daemon_env | {"REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix}
+    agent = await spawn("agent", "--name=w", "--address=a:1", "--token=wrong", env=env)
+    assert await agent.exit_code() == 1
+    assert "401" in agent.output()
+
+
+# ---------------------------------------------------------------- VRAM sources
+
+
+class FakeMemory:
+    def __init__(self, free: int, total: int) -> None:
+        self.free = free
+        self.total = total
+        self.used = total - free
+
+
+def fake_pynvml(devices: list[tuple[int, int]], calls: list[str]) -> types.ModuleType:
+    """A stand-in for nvidia-ml-py's pynvml with `devices` as (free, total)."""
+    module = types.ModuleType("pynvml")
+
+    def record(name: str, result: Any = None) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return result(*args) if callable(result) else result
+
+        return call
+
+    module.nvmlInit = record("init")  # type: ignore[attr-defined]
+    module.nvmlShutdown = record("shutdown")  # type: ignore[attr-defined]
+    module.nvmlDeviceGetCount = record("count", len(devices))  # type: ignore[attr-defined]
+    module.nvmlDeviceGetHandleByIndex = record("handle", lambda i: ("handle", i))  # type: ignore[attr-defined]
+    module.nvmlDeviceGetMemoryInfo = record(  # type: ignore[attr-defined]
+        "memory", lambda handle: FakeMemory(*devices[handle[1]])
+    )
+    return module
+
+
+async def test_nvml_readings_sum_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    devices = [(10 * GiB, 24 * GiB), (3 * GiB, 80 * GiB)]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices, calls))
+    source = vram_source()  # nothing given: NVML, since pynvml is there
+    assert isinstance(source, NvmlVram)
+    assert source.description == "NVML (2 GPUs)" and source.gpu_vendor == "nvidia"
+    assert await source.read() == Vram(13 * GiB, 104 * GiB)
+    source.close()
+    assert calls[0] == "init" and calls[-1] == "shutdown"
+    assert calls.count("memory") == 2
+
+    # Given figures or a command win over NVML.
+    assert isinstance(vram_source(available=5), FixedVram)
+    assert isinstance(vram_source(command="echo 1"), CommandVram)
+
+
+async def test_nvml_that_fails_is_no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = fake_pynvml([(1, 2)], [])
+
+    def lost(handle: Any) -> Any:
+        raise RuntimeError("GPU is lost")
+
+    broken.nvmlDeviceGetMemoryInfo = lost  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    source = vram_source()
+    assert isinstance(source, NvmlVram)
+    assert await source.read() == Vram()
+
+    def no_driver() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = no_driver  # type: ignore[attr-defined]
+    assert isinstance(vram_source(), FixedVram)  # no NVML: no figures
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert await vram_source().read() == Vram()
+
+
+async def test_a_vram_command_prints_the_free_bytes() -> None:
+    assert await CommandVram("echo 123", total=456).read() == Vram(123, 456)
+    assert await CommandVram("printf '7 9\\n'").read() == Vram(7, 9)
+    assert await CommandVram("echo oops; exit 3", total=5).read() == Vram(None, 5)
+    assert await CommandVram("sleep 5", timeout_s=0.1).read() == Vram()
+
+
+def test_byte_counts() -> None:
+    assert parse_bytes("25769803776") == 24 * GiB
+    assert parse_bytes("24GiB") == parse_bytes("24G") == parse_bytes("24 gib") == 24 * GiB
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("1.5GiB") == 3 * GiB // 2
+    with pytest.raises(ValueError):
+        parse_bytes("24 parsecs")
