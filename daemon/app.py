@@ -11,6 +11,7 @@ unexpectedly stops the daemon with a non-zero exit code, so systemd restarts it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from daemon.retry import retrying
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService, error_reply
 from daemon.sweep import Sweep
+from subjects import nodes
 from subjects.base import Context
 
 log = logging.getLogger("registryd")
@@ -78,7 +80,9 @@ class Daemon:
         events = Events(self.nc, s.subject_prefix)
         intents = IntentStore(self.intents_nc, s)
         await ensure_stream(intents)
-        self.heartbeats = Heartbeats(self.db, limit=s.heartbeat_buffer)
+        self.heartbeats = Heartbeats(
+            functools.partial(nodes.write_heartbeats, self.db), limit=s.heartbeat_buffer
+        )
         ctx = Context(
             settings=s,
             db=self.db,

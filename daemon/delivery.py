@@ -46,7 +46,7 @@ from daemon.db import Database
 from daemon.events import Events
 from daemon.intents import Changed, IntentStore, Stored
 from daemon.retry import Backoff, Outage
-from subjects import node_status
+from subjects import intents, node_status
 
 log = logging.getLogger("registryd.delivery")
 
@@ -58,9 +58,6 @@ ACK_WAIT = 30.0
 CLAIM_GRACE = 30.0
 DELETE_TIMEOUT = 60.0
 CONCURRENCY = 32
-
-NODE_AND_NOW = "SELECT now() AS now, (SELECT status FROM nodes WHERE id = $1) AS status"
-NOW = "SELECT now()"
 
 
 def sanitize(token: str) -> str:
@@ -182,10 +179,8 @@ class Delivery:
         if latest is None or latest.seq != stored.seq:
             await msg.ack()  # cancelled, or replaced by a version of its own
             return
-        row = await self._db.fetchrow(NODE_AND_NOW, intent["node_id"])
-        assert row is not None
-        now: datetime = row["now"]
-        if row["status"] is None:
+        now, status = await intents.node_status_and_now(self._db, intent["node_id"])
+        if status is None:
             log.info(
                 "dropping %s of %r: node %s is gone",
                 intent["op"],
@@ -205,7 +200,7 @@ class Delivery:
                 await msg.nak(delay=min((ends - now).total_seconds(), self._s.drain_interval))
                 return
             log.warning("a delivery of %s was never finished; delivering again", describe(intent))
-        if row["status"] != "healthy":
+        if status != "healthy":
             await msg.nak(delay=self._s.drain_interval)
             return
         wait = (datetime.fromisoformat(intent["next_retry_at"]) - now).total_seconds()
@@ -297,7 +292,7 @@ class Delivery:
             change = await node_status.no_worker(self._db, intent["node_id"])
             if change is not None:
                 await node_status.announce(self._events, self._store, [change])
-        now: datetime = await self._db.fetchval(NOW)
+        now = await intents.database_now(self._db)
         abandoned = False
 
         def apply(current: Stored | None) -> dict[str, Any] | None:
@@ -358,7 +353,7 @@ class Delivery:
                 return  # cancelled meanwhile, or taken over once our claim expired
             if current.body.get("reissued"):
                 # Asked for again while we delivered it: not done, due now.
-                now: datetime = await self._db.fetchval(NOW)
+                now = await intents.database_now(self._db)
                 try:
                     await self._store.put(
                         subject, _unclaimed(current) | {"next_retry_at": now}, current.seq

@@ -1,5 +1,9 @@
 """Heartbeats, coalesced per node and written in batches.
 
+This is the machinery; what a reading holds and the statement that writes a
+batch of them belong to the heartbeat operation (subjects/nodes.py), which
+the daemon hands in as the writer.
+
 Every worker heartbeats, so one UPDATE per heartbeat would make the database
 the registry's bottleneck. Instead readings wait here, the latest one per node
 (a later reading's fields win; fields it leaves out keep the earlier value),
@@ -25,43 +29,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.db import Database
 from daemon.errors import Unavailable, classify
 from daemon.logs import Throttle
 from daemon.retry import Backoff, Outage
 
 log = logging.getLogger("registryd.heartbeats")
 
-# Pending and offline nodes only get their timestamp: they come back through
-# approval or re-registration, not through a heartbeat. A fresh VRAM reading
-# replaces the schedulers' soft reservation. Readings for unknown nodes match
-# no row and are simply not returned.
-WRITE = """
-    WITH hb AS (
-        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
-                 AS t(id, available_vram, total_vram, available_ram, gpu_vendor)
-    )
-    UPDATE nodes n SET
-        last_heartbeat = now(),
-        available_vram = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
-                              THEN n.available_vram ELSE hb.available_vram END,
-        reserved_vram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
-                              THEN n.reserved_vram ELSE 0 END,
-        total_vram     = CASE WHEN n.status IN ('pending', 'offline') OR hb.total_vram IS NULL
-                              THEN n.total_vram ELSE hb.total_vram END,
-        available_ram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_ram IS NULL
-                              THEN n.available_ram ELSE hb.available_ram END,
-        gpu_vendor     = CASE WHEN n.status IN ('pending', 'offline')
-                                   OR COALESCE(hb.gpu_vendor, '') = ''
-                              THEN n.gpu_vendor ELSE hb.gpu_vendor END
-      FROM hb
-     WHERE n.id = hb.id
-    RETURNING n.id"""
-
-FIELDS = ("available_vram", "total_vram", "available_ram", "gpu_vendor")
+# Writes a batch of readings (node id → fields); the node ids that exist.
+Writer = Callable[[dict[str, dict[str, Any]]], Awaitable[set[str]]]
 
 # Most readings one statement writes; more wait for the next one.
 MAX_BATCH = 5000
@@ -79,8 +58,8 @@ class Reading:
 
 
 class Heartbeats:
-    def __init__(self, db: Database, limit: int) -> None:
-        self._db = db
+    def __init__(self, write: Writer, limit: int) -> None:
+        self._write = write
         self._limit = limit  # node ids kept at most, pending and being written
         self._pending: dict[str, Reading] = {}
         # The batch being written: its ids still count against the limit, as
@@ -113,13 +92,13 @@ class Heartbeats:
         if reading is not None:
             reading.merge(values)
         elif node_id in self._writing:
-            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
+            self._pending[node_id] = Reading(dict(values))
             self._overlap += 1
         elif self.buffered >= self._limit:
             self._drop()
             return False
         else:
-            self._pending[node_id] = Reading({k: values.get(k) for k in FIELDS})
+            self._pending[node_id] = Reading(dict(values))
         self._wake.set()
         return True
 
@@ -172,9 +151,7 @@ class Heartbeats:
         self._writing = batch
         try:
             ids = list(batch)
-            rows = await self._db.fetch(
-                WRITE, ids, *([batch[i].values.get(f) for i in ids] for f in FIELDS)
-            )
+            found = await self._write({node_id: batch[node_id].values for node_id in ids})
         except BaseException:
             # Put them back under any newer reading that arrived meanwhile.
             for node_id, reading in batch.items():
@@ -190,7 +167,6 @@ class Heartbeats:
         if self._outage.on:
             held = self._drops.held()
             self._outage.ended(f" ({held} more dropped while the buffer was full)" if held else "")
-        found = {r[0] for r in rows}
         for node_id, reading in batch.items():
             for waiter in reading.waiters:
                 if not waiter.done():

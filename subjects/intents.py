@@ -9,10 +9,12 @@ delivered, it goes out once more when that attempt ends, never alongside it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
+from daemon.db import Database
 from daemon.errors import BadRequest, NotFound
 from daemon.intents import Stored, intent_id
 from subjects.base import OK, Context, Group, NodeId, Paged, Request, page
@@ -23,6 +25,25 @@ group = Group()
 # node look-up that validates the request reads it in the same round trip.
 NODE_AND_NOW = """
     SELECT now() AS now, (SELECT node_type FROM nodes WHERE id = $1) AS node_type"""
+
+
+# Delivery (daemon/delivery.py) asks, before each attempt, whether the node is
+# still there and healthy, and what time it is on the database clock.
+STATUS_AND_NOW = """
+    SELECT now() AS now, (SELECT status FROM nodes WHERE id = $1) AS status"""
+NOW = "SELECT now()"
+
+
+async def node_status_and_now(db: Database, node_id: str) -> tuple[datetime, str | None]:
+    """The database's time, and the node's status (None: it is gone)."""
+    row = await db.fetchrow(STATUS_AND_NOW, node_id)
+    assert row is not None
+    return row["now"], row["status"]
+
+
+async def database_now(db: Database) -> datetime:
+    now: datetime = await db.fetchval(NOW)
+    return now
 
 
 class BackendOpRequest(Request):

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import asyncpg
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
+from daemon.db import Database
 from daemon.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from subjects import node_status
 from subjects.base import (
@@ -400,14 +401,49 @@ class HeartbeatRequest(Request):
     wants_reply: bool = False
 
 
+# Pending and offline nodes only get their timestamp: they come back through
+# approval or re-registration, not through a heartbeat. A fresh VRAM reading
+# replaces the schedulers' soft reservation. Readings for unknown nodes match
+# no row and are simply not returned.
+WRITE_HEARTBEATS = """
+    WITH hb AS (
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+                 AS t(id, available_vram, total_vram, available_ram, gpu_vendor)
+    )
+    UPDATE nodes n SET
+        last_heartbeat = now(),
+        available_vram = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
+                              THEN n.available_vram ELSE hb.available_vram END,
+        reserved_vram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_vram IS NULL
+                              THEN n.reserved_vram ELSE 0 END,
+        total_vram     = CASE WHEN n.status IN ('pending', 'offline') OR hb.total_vram IS NULL
+                              THEN n.total_vram ELSE hb.total_vram END,
+        available_ram  = CASE WHEN n.status IN ('pending', 'offline') OR hb.available_ram IS NULL
+                              THEN n.available_ram ELSE hb.available_ram END,
+        gpu_vendor     = CASE WHEN n.status IN ('pending', 'offline')
+                                   OR COALESCE(hb.gpu_vendor, '') = ''
+                              THEN n.gpu_vendor ELSE hb.gpu_vendor END
+      FROM hb
+     WHERE n.id = hb.id
+    RETURNING n.id"""
+
+READING = ("available_vram", "total_vram", "available_ram", "gpu_vendor")
+
+
+async def write_heartbeats(db: Database, readings: dict[str, dict[str, Any]]) -> set[str]:
+    """Write a batch of readings (node id → fields, None where a heartbeat left
+    one out) in one statement; the node ids that exist."""
+    ids = list(readings)
+    columns = ([readings[i].get(f) for i in ids] for f in READING)
+    return {r[0] for r in await db.fetch(WRITE_HEARTBEATS, ids, *columns)}
+
+
 @group.op(
     "heartbeat", HeartbeatRequest, subject_field="node_id", reply_field="wants_reply", inline=True
 )
 async def heartbeat(ctx: Context, req: HeartbeatRequest) -> Any:
     """A worker's heartbeat on registry.heartbeat.<node_id>, with its free VRAM."""
-    reading = req.model_dump(
-        include={"available_vram", "total_vram", "available_ram", "gpu_vendor"}
-    )
+    reading = req.model_dump(include=set(READING))
     if not req.wants_reply:
         # Published: queued and written with the next batch (daemon/heartbeats.py).
         ctx.heartbeats.submit(req.node_id, reading)
