@@ -32,9 +32,7 @@ from daemon.config import Settings
 
 log = logging.getLogger("registryd.intents")
 
-OPS = ("install", "delete", "upgrade")
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expectation
-_STREAM_NOT_FOUND = 10059
 # The stream settings ensure_stream gives; the server fills in the others.
 _MANAGED = (
     "description",

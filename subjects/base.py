@@ -120,10 +120,6 @@ def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
     )
 
 
-class Empty(Request):
-    pass
-
-
 class NodeRef(Request):
     node_id: NodeId
 
