@@ -36,10 +36,80 @@ class NodeSet(Request):
     node_ids: NodeIds = []
 
 
-# The candidates every placement query starts from, restricted by $1 (node_ids).
-CANDIDATES = """
-    n.status = 'healthy' AND n.node_type = 'backend'
-    AND (cardinality($1::text[]) = 0 OR n.id = ANY($1::text[]))"""
+# ------------------------------------------------------------ the predicates
+#
+# Each rule that decides whether a node `n` can take work is one named
+# fragment, and every statement that applies the rule is built from it:
+# the find_* operations below, and `explain` (subjects/explain.py), which
+# evaluates each fragment on its own to say which rule keeps a node out. The
+# fragments that take values are functions of the SQL expressions that give
+# them ($n parameters or columns), never of the values themselves.
+
+# Only healthy nodes take work (and only approved nodes are ever healthy:
+# schema.sql's nodes_healthy_needs_approval).
+HEALTHY = "n.status = 'healthy'"
+
+# Agent nodes run agents, not model replicas.
+BACKEND = "n.node_type = 'backend'"
+
+
+def in_node_set(node_ids: str) -> str:
+    """`n` is one of `node_ids` (a text[] expression), or that list is empty."""
+    return f"(cardinality({node_ids}) = 0 OR n.id = ANY({node_ids}))"
+
+
+def candidates(node_ids: str) -> str:
+    """The nodes every placement query starts from."""
+    return f"{HEALTHY} AND {BACKEND} AND {in_node_set(node_ids)}"
+
+
+def label_matches(keys: str, values: str) -> str:
+    """A join giving `matched.pairs`: how many pairs of a selector (text[]
+    expressions of its keys and values, pairwise) `n` carries, or NULL for
+    none. Set-based, one pass over the labels that match, so a statement about
+    every node (explain) costs no lookup per node."""
+    return f"""
+    LEFT JOIN (
+        SELECT l.node_id, count(*) AS pairs FROM node_labels l
+          JOIN unnest({keys}, {values}) AS s(key, value)
+            ON s.key = l.key AND s.value = l.value
+         GROUP BY l.node_id
+    ) AS matched ON matched.node_id = n.id"""
+
+
+def has_labels(keys: str) -> str:
+    """`n` carries every pair of the selector of label_matches (`keys`, the
+    same expression): an AND of pairs; an empty selector matches every node."""
+    return f"COALESCE(matched.pairs, 0) = cardinality({keys})"
+
+
+def vram_fits(min_bytes: str) -> str:
+    """`n` has at least `min_bytes` (a bigint expression) effectively free:
+    available minus what schedulers reserved within this heartbeat window."""
+    return f"n.available_vram - n.reserved_vram >= {min_bytes}"
+
+
+def replicas_of_model(model: str) -> str:
+    """A join giving `taken.replicas`: the rows of `model` (a text expression)
+    on `n`, or NULL for none (TAKEN reads it). Every row counts against the
+    cap, whatever its state, so a load in progress keeps a second scale-up from
+    overshooting."""
+    return f"""
+    LEFT JOIN (
+        SELECT r.node_id, count(*) AS replicas FROM replicas r
+         WHERE r.model_name = {model}
+         GROUP BY r.node_id
+    ) AS taken ON taken.node_id = n.id"""
+
+
+# The replicas of the model of replicas_of_model on `n`.
+TAKEN = "COALESCE(taken.replicas, 0)"
+
+# `n` has a replica slot left for that model.
+SLOT_FREE = f"{TAKEN} < n.max_replicas_per_model"
+
+# The candidates of the node-set operations below, restricted by $1 (node_ids).
+CANDIDATES = candidates("$1::text[]")
 
 # Per node: does it have a loaded replica, and how many requests are in flight
 # on all its replicas (Go counts every state here).
@@ -58,7 +128,7 @@ class FindVramRequest(NodeSet):
 # the others, least in flight first, then most effectively-free VRAM.
 FIND_VRAM = f"""
     SELECT {NODE_COLUMNS} FROM nodes n {LOAD}
-     WHERE {CANDIDATES} AND n.available_vram - n.reserved_vram >= $2
+     WHERE {CANDIDATES} AND {vram_fits("$2")}
      ORDER BY COALESCE(load.busy, false),
               CASE WHEN load.busy THEN load.in_flight ELSE 0 END,
               n.available_vram - n.reserved_vram DESC, n.name
@@ -103,12 +173,8 @@ class SelectorRequest(Paged):
 
 # A node matches when it has every pair of the selector (an AND of pairs).
 FIND_SELECTOR = f"""
-    SELECT {NODE_COLUMNS} FROM nodes n
-     WHERE n.status = 'healthy' AND n.node_type = 'backend'
-       AND (SELECT count(*) FROM node_labels l
-             JOIN unnest($1::text[], $2::text[]) AS s(key, value)
-               ON s.key = l.key AND s.value = l.value
-             WHERE l.node_id = n.id) = cardinality($1::text[])
+    SELECT {NODE_COLUMNS} FROM nodes n {label_matches("$1::text[]", "$2::text[]")}
+     WHERE {HEALTHY} AND {BACKEND} AND {has_labels("$1::text[]")}
        AND ($3::text IS NULL OR n.name > $3)
      ORDER BY n.name LIMIT $4"""
 
@@ -134,22 +200,17 @@ class FreeSlotsRequest(ModelOnNodes, Paged):
     pass
 
 
-# Every row of the model counts against the cap, whatever its state, so a load
-# in progress keeps a second scale-up from overshooting.
-REPLICAS_OF_MODEL = """
-    LEFT JOIN LATERAL (
-        SELECT count(*) AS replicas FROM replicas r
-         WHERE r.node_id = n.id AND r.model_name = $2
-    ) AS taken ON true"""
+# $1 node_ids, $2 the model.
+REPLICAS_OF_MODEL = replicas_of_model("$2")
 
 FREE_SLOTS = f"""
     SELECT {NODE_COLUMNS} FROM nodes n {REPLICAS_OF_MODEL}
-     WHERE {CANDIDATES} AND taken.replicas < n.max_replicas_per_model
+     WHERE {CANDIDATES} AND {SLOT_FREE}
        AND ($3::text IS NULL OR n.name > $3)
      ORDER BY n.name LIMIT $4"""
 
 CAPACITY = f"""
-    SELECT COALESCE(sum(GREATEST(n.max_replicas_per_model - taken.replicas, 0)), 0)::bigint
+    SELECT COALESCE(sum(GREATEST(n.max_replicas_per_model - {TAKEN}, 0)), 0)::bigint
       FROM nodes n {REPLICAS_OF_MODEL}
      WHERE {CANDIDATES}"""
 
