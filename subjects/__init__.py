@@ -1,11 +1,22 @@
 """Every operation of the wire contract, one module per group of endpoints."""
 
-from subjects import intents, labels, models, nodes, placement, replicas, routing, scheduling
+from subjects import (
+    explain,
+    intents,
+    labels,
+    models,
+    nodes,
+    placement,
+    replicas,
+    routing,
+    scheduling,
+)
 from subjects.base import Operation
 
 OPERATIONS: list[Operation] = [
     *nodes.group.operations,
     *placement.group.operations,
+    *explain.group.operations,
     *routing.group.operations,
     *replicas.group.operations,
     *models.group.operations,
