@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 import orjson
 from nats.aio.client import Client as NATS
+
+from daemon.intents import encode_backend
 
 log = logging.getLogger("registryd.events")
 
@@ -18,6 +21,7 @@ class Events:
     def __init__(self, nc: NATS, subject_prefix: str) -> None:
         self._nc = nc
         self._node_prefix = f"{subject_prefix}.events.node."
+        self._model_prefix = f"{subject_prefix}.events.model."
 
     async def node(
         self,
@@ -59,6 +63,41 @@ class Events:
             event["auth_refs"] = auth_refs
         await self._publish(self._node_prefix + node_id, event)
 
+    async def model(
+        self,
+        model: str,
+        *,
+        until: datetime | None,
+        ticks: int,
+        summary: str,
+        placeable: int,
+        routable: int,
+    ) -> None:
+        """A model put in cooldown (unsatisfiable until `until`), with why.
+
+        The subject's last token is the model name in unpadded base64url, as
+        the intent stream encodes a backend name: any name (dots, spaces,
+        `*`, `>`) is one token, and no two names share one."""
+        log.info(
+            "model %s unsatisfiable until %s after %d ticks: %s",
+            model,
+            until,
+            ticks,
+            summary,
+            extra={"model": model, "ticks": ticks},
+        )
+        await self._publish(
+            self._model_prefix + model_token(model),
+            {
+                "model": model,
+                "until": until,
+                "ticks": ticks,
+                "summary": summary,
+                "placeable": placeable,
+                "routable": routable,
+            },
+        )
+
     async def replicas_removed(
         self, node_id: str, models: Iterable[str], replica: int = ALL_REPLICAS
     ) -> None:
@@ -73,6 +112,11 @@ class Events:
         # The change is committed; an event lost to a closed connection must not
         # turn the caller's success into an error. nats-py buffers while reconnecting.
         try:
-            await self._nc.publish(subject, orjson.dumps(payload))
+            await self._nc.publish(subject, orjson.dumps(payload, option=orjson.OPT_UTC_Z))
         except Exception:
             log.warning("could not publish event on %s", subject, exc_info=True)
+
+
+def model_token(model: str) -> str:
+    """The subject token of a model's events."""
+    return encode_backend(model)

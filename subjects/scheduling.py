@@ -225,17 +225,35 @@ class MarkRequest(ModelRef):
     ]
 
 
+# The config as explain reads it (subjects/explain.py CONFIG), for the
+# explanation the model event carries: it is worked out in the same statement
+# as the mark, so it sees the cluster the reconciler gave up on, and nothing
+# can fail between the mark and its event. $1 the model, $9 until (explain
+# takes $2…$8).
 UNSATISFIABLE_MARK = """
-    UPDATE scheduling_configs SET unsatisfiable_until = $2, updated_at = now()
+    UPDATE scheduling_configs SET unsatisfiable_until = $9, updated_at = now()
      WHERE model_name = $1
-    RETURNING 1"""
+    RETURNING node_selector, unsatisfiable_until, unsatisfiable_ticks"""
 
 
 @group.op("unsatisfiable_mark", MarkRequest)
 async def unsatisfiable_mark(ctx: Context, req: MarkRequest) -> Any:
     """Skip scale-ups of the model until `until` (or until capacity changes)."""
-    if await ctx.db.fetchval(UNSATISFIABLE_MARK, req.model, req.until) is None:
+    # Imported here, not above: subjects.nodes imports this module, and
+    # explain imports placement, which imports nodes.
+    from subjects import explain
+
+    why = await explain.after_mark(ctx.db, UNSATISFIABLE_MARK, req.model, req.until)
+    if why is None:
         raise NotFound(f"no scheduling config for model {req.model!r}")
+    await ctx.events.model(
+        req.model,
+        until=why["unsatisfiable_until"],
+        ticks=why["unsatisfiable_ticks"],
+        summary=why["summary"],
+        placeable=why["placeable"],
+        routable=why["routable"],
+    )
     return OK
 
 

@@ -1,7 +1,9 @@
-"""Explained placement (contract v1.2): `registry.explain`."""
+"""Explained placement (contract v1.2): `registry.explain`, and the model event
+an unsatisfiable mark publishes."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,3 +382,41 @@ async def test_explain_agrees_with_the_placement_and_routing_operations(
             replica = got["replica"]
             reachable += (replica["node_id"], replica["replica_index"]) == (ids[spec.name], index)
     assert reply["routable"] == reachable
+
+
+# ---------------------------------------------------------------- the model event
+
+
+def token(model: str) -> str:
+    return base64.urlsafe_b64encode(model.encode()).decode().rstrip("=")
+
+
+async def test_a_cooldown_publishes_the_explanation(client: Client) -> None:
+    model = "org/Qwen 3.5 *8b* > v2.gguf"  # dots, spaces and wildcards
+    await client.healthy_node("eu-1", labels={"zone": "eu"}, available_vram=4 * GiB)
+    await client.healthy_node("us-1", labels={"zone": "us"})
+    await client.call("scheduling_set", model_name=model, node_selector={"zone": "eu"})
+    for _ in range(3):
+        await client.call("unsatisfiable_bump", model=model)
+    listener = await client.listen(f"{client.prefix}.events.model.>")
+
+    assert await client.call("unsatisfiable_mark", model=model, until="2030-01-02T03:04:05Z") == {}
+    subject, event = await listener.next()
+    assert subject == f"{client.prefix}.events.model.{token(model)}"
+    explained = await client.call("explain", model=model)
+    assert event == {
+        "model": model,
+        "until": "2030-01-02T03:04:05Z",
+        "ticks": 3,
+        "summary": f"1/2 nodes can take a replica of {model}: 1 not matching the selector",
+        "placeable": 1,
+        "routable": 0,
+    }
+    assert event["summary"] == explained["summary"]
+
+    # A model without a config: 404, and no event.
+    await fails(client.call("unsatisfiable_mark", model="nope", until="2030-01-02T03:04:05Z"), 404)
+    await client.call("unsatisfiable_mark", model=model, until="2031-01-01T00:00:00+02:00")
+    subject, event = await listener.next()
+    assert event["until"] == "2030-12-31T22:00:00Z"
+    assert await listener.drained(client.nc) == []
