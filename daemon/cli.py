@@ -1,20 +1,25 @@
-"""The `registryd` command: serve (default), migrate, call, --version."""
+"""The `registryd` command: serve (default), migrate, call, why, --version."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import SecretStr
 
 from daemon import __version__, config, logs
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
 
 log = logging.getLogger("registryd")
 
@@ -48,7 +53,49 @@ def parser() -> argparse.ArgumentParser:
     from registryd import commands as client_commands
 
     client_commands.add(commands, common)
+    why = commands.add_parser(
+        "why",
+        parents=[common],
+        help="explain where a model can and cannot go",
+        description="Ask registry.explain why MODEL can or cannot take a new replica on "
+        "each node: print the summary and the nodes that cannot, with their reasons "
+        "(exit 0), or the error (exit 1). Example: registryd why qwen3-8b --min-bytes 8GiB "
+        "--selector zone=eu",
+    )
+    why.add_argument("model", help="the model's name")
+    why.add_argument(
+        "--min-bytes",
+        type=byte_count,
+        help="effectively free VRAM a replica needs: bytes, or e.g. 8GiB",
+    )
+    why.add_argument(
+        "--selector",
+        type=label_pair,
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="label pairs a node must carry (default: the model's scheduling config's)",
+    )
+    why.add_argument("--json", action="store_true", help="print the reply as JSON")
+    why.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per page (10)")
     return top
+
+
+def byte_count(text: str) -> int:
+    """A byte count as `--min-bytes` takes it: 8589934592, 8GiB, 7.5GiB, 8GB."""
+    from registryd.agent import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def label_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not a label pair k=v: {text!r}")
+    return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +113,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return client_commands.run(command, args, settings, flags)
     if command == "call":
         return asyncio.run(call(settings, args.op, args.body, args.timeout, explicit=flags))
+    if command == "why":
+        selector = None if args.selector is None else dict(args.selector)
+        return asyncio.run(
+            why(
+                settings,
+                args.model,
+                args.min_bytes,
+                selector,
+                args.timeout,
+                as_json=args.json,
+                explicit=flags,
+            )
+        )
     logs.setup(settings.log_format, settings.log_level)
     _use_uvloop()
     try:
@@ -129,26 +189,24 @@ async def migrate(settings: config.Settings) -> int:
     return 0
 
 
-async def call(
-    settings: config.Settings, op: str, body: str, wait_s: float, *, explicit: dict[str, Any]
-) -> int:
+class Unanswered(Exception):
+    """A request that got no reply: NATS unreachable, nobody serving, or too slow."""
+
+
+@contextlib.asynccontextmanager
+async def connection(settings: config.Settings, explicit: dict[str, Any]) -> AsyncIterator[NATS]:
+    """A NATS connection for one command (`call`, `why`), with the daemon's settings."""
     import nats
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeout
 
     from daemon.app import nats_options
     from daemon.embedded import running_nats_url
-    from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
 
-    if body == "-":
-        body = sys.stdin.read()
     # With no NATS URL given, a daemon started with --embedded from this
     # directory is the one the user means.
     if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
         url = running_nats_url(settings.state_dir)
         if url:
             settings = settings.model_copy(update={"nats_url": url})
-    subject = f"{settings.subject_prefix}.{op}"
     last_error: list[Exception] = []
 
     async def connect_error(exc: Exception) -> None:
@@ -170,24 +228,51 @@ async def call(
     except Exception as exc:
         reason = last_error[0] if last_error else exc
         detail = str(reason) or type(reason).__name__
-        print(f"registryd: cannot reach NATS at {settings.nats_url}: {detail}", file=sys.stderr)
-        return 1
+        raise Unanswered(f"cannot reach NATS at {settings.nats_url}: {detail}") from None
     try:
-        reply = await nc.request(subject, body.encode(), timeout=wait_s)
-    except NoRespondersError:
-        print(f"registryd: no registryd is serving {subject}", file=sys.stderr)
-        return 1
-    except NatsTimeout:
-        print(f"registryd: no reply on {subject} within {wait_s:g}s", file=sys.stderr)
-        return 1
+        yield nc
     finally:
         await nc.close()
+
+
+async def ask(nc: NATS, subject: str, body: bytes, wait_s: float) -> Msg:
+    """One request's reply (an error reply too: see `error_reply`)."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    try:
+        return await nc.request(subject, body, timeout=wait_s)
+    except NoRespondersError:
+        raise Unanswered(f"no registryd is serving {subject}") from None
+    except NatsTimeout:
+        raise Unanswered(f"no reply on {subject} within {wait_s:g}s") from None
+
+
+def error_reply(reply: Msg) -> bool:
+    """Whether the reply is an error; if so, it is printed to stderr."""
+    from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
+
     headers = reply.headers or {}
-    if ERROR_CODE_HEADER in headers:
-        print(
-            f"error {headers[ERROR_CODE_HEADER]}: {headers.get(ERROR_HEADER, '')}", file=sys.stderr
-        )
+    if ERROR_CODE_HEADER not in headers:
+        return False
+    print(f"error {headers[ERROR_CODE_HEADER]}: {headers.get(ERROR_HEADER, '')}", file=sys.stderr)
+    return True
+
+
+async def call(
+    settings: config.Settings, op: str, body: str, wait_s: float, *, explicit: dict[str, Any]
+) -> int:
+    if body == "-":
+        body = sys.stdin.read()
+    try:
+        async with connection(settings, explicit) as nc:
+            reply = await ask(nc, f"{settings.subject_prefix}.{op}", body.encode(), wait_s)
+    except Unanswered as exc:
+        print(f"registryd: {exc}", file=sys.stderr)
         return 1
+    if error_reply(reply):
+        return 1
+    headers = reply.headers or {}
     try:
         parsed = orjson.loads(reply.data) if reply.data else {}
         sys.stdout.write(orjson.dumps(parsed, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -196,3 +281,81 @@ async def call(
     if "Registry-Next" in headers:
         print(f'(more: add "after": "{headers["Registry-Next"]}")', file=sys.stderr)
     return 0
+
+
+# Nodes per registry.explain request of `why`, which follows the pages to the end.
+WHY_PAGE = 1000
+
+
+async def why(
+    settings: config.Settings,
+    model: str,
+    min_bytes: int | None,
+    selector: dict[str, str] | None,
+    wait_s: float,
+    *,
+    as_json: bool,
+    explicit: dict[str, Any],
+) -> int:
+    body: dict[str, Any] = {"model": model, "limit": WHY_PAGE}
+    if min_bytes is not None:
+        body["min_bytes"] = min_bytes
+    if selector is not None:
+        body["selector"] = selector
+    pages: list[dict[str, Any]] = []
+    try:
+        async with connection(settings, explicit) as nc:
+            while True:
+                reply = await ask(
+                    nc, f"{settings.subject_prefix}.explain", orjson.dumps(body), wait_s
+                )
+                if error_reply(reply):
+                    return 1
+                pages.append(orjson.loads(reply.data))
+                after = (reply.headers or {}).get("Registry-Next")
+                if after is None:
+                    break
+                body["after"] = after
+    except Unanswered as exc:
+        print(f"registryd: {exc}", file=sys.stderr)
+        return 1
+    # The first page's summary, with every page's nodes: the reply one
+    # request without `limit` would give, for clusters of any size.
+    explained = {**pages[0], "nodes": [node for page in pages for node in page["nodes"]]}
+    if as_json:
+        sys.stdout.write(orjson.dumps(explained, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(why_text(explained))
+    return 0
+
+
+def why_text(explained: dict[str, Any]) -> str:
+    """The summary, what routers can reach, and a table of the nodes that
+    cannot take the model: one reason a line, the node's name on its first."""
+    routable = explained["routable"]
+    lines = [
+        explained["summary"],
+        f"{routable} loaded replica{'' if routable == 1 else 's'} on healthy nodes can serve it",
+    ]
+    if explained["unsatisfiable_until"] is not None:
+        lines[-1] += (
+            f"; scale-ups skipped until {explained['unsatisfiable_until']}"
+            f" ({explained['unsatisfiable_ticks']} ticks without room)"
+        )
+    rows = [("NODE", "STATUS", "REASON")]
+    for node in explained["nodes"]:
+        for i, reason in enumerate(node["reasons"]):
+            first = i == 0
+            rows.append(
+                (
+                    node["name"] if first else "",
+                    node["status"] if first else "",
+                    f"{reason['code']}: {reason['message']}",
+                )
+            )
+    if len(rows) > 1:
+        name_width = max(len(r[0]) for r in rows)
+        status_width = max(len(r[1]) for r in rows)
+        lines.append("")
+        lines += [f"{a:<{name_width}}  {b:<{status_width}}  {c}" for a, b, c in rows]
+    return "\n".join(lines) + "\n"

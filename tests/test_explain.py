@@ -1,17 +1,22 @@
-"""Explained placement (contract v1.2): `registry.explain`, and the model event
-an unsatisfiable mark publishes."""
+"""Explained placement (contract v1.2): `registry.explain`, the model event an
+unsatisfiable mark publishes, and `registryd why`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.app import Daemon
+from tests.conftest import REGISTRYD
 from tests.support import CallError, Client, every_page, fails
 
 GiB = 1 << 30
@@ -420,3 +425,72 @@ async def test_a_cooldown_publishes_the_explanation(client: Client) -> None:
     subject, event = await listener.next()
     assert event["until"] == "2030-12-31T22:00:00Z"
     assert await listener.drained(client.nc) == []
+
+
+# ---------------------------------------------------------------- registryd why
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def why(*args: str, env: Mapping[str, str]) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        *REGISTRYD,
+        "why",
+        *args,
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def test_registryd_why(client: Client, daemon: Daemon, daemon_env: dict[str, str]) -> None:
+    env = {**daemon_env, "REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix}
+    await client.healthy_node("gpu-1", labels={"zone": "eu"}, available_vram=16 * GiB)
+    await client.healthy_node("gpu-22", labels={"zone": "us"}, available_vram=4 * GiB)
+    await client.register("gpu-3", available_vram=16 * GiB)
+
+    shown = await why(MODEL, "--min-bytes", str(8 * GiB), "--selector", "zone=eu", env=env)
+    assert shown.code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == (
+        f"1/3 nodes can take a replica of {MODEL}: 1 not approved, 1 not matching the selector"
+    )
+    # Only the nodes that cannot take it, one reason a line, in aligned columns.
+    table = lines[lines.index("") + 1 :] if "" in lines else lines[1:]
+    assert table[0].split() == ["NODE", "STATUS", "REASON"]
+    assert [line.split()[0] for line in table[1:] if not line.startswith(" ")] == [
+        "gpu-22",
+        "gpu-3",
+    ]
+    column = table[0].index("REASON")
+    for line in table[1:]:
+        assert line[column - 1] == " " and line[column] != " "
+    assert any("selector: label zone=us, wants zone=eu" in line for line in table)
+    assert any("vram: 4.0 GiB effectively free" in line for line in table)
+    assert any("not_approved: never approved" in line for line in table)
+    assert "gpu-1 " not in shown.stdout
+
+    raw = await why(MODEL, "--json", "--min-bytes", "8GiB", "--selector", "zone=eu", env=env)
+    assert raw.code == 0, raw.stderr
+    reply = orjson.loads(raw.stdout)
+    assert reply == await client.call(
+        "explain", model=MODEL, min_bytes=8 * GiB, selector={"zone": "eu"}
+    )
+
+    bad = await why("m" * 256, env=env)  # a model name too long: the daemon's 400
+    assert bad.code == 1
+    assert "400" in bad.stderr and "'model'" in bad.stderr
+    assert bad.stdout == ""
+
+    unusable = await why(MODEL, "--selector", "zone", env=env)
+    assert unusable.code == 2
+    assert "k=v" in unusable.stderr
