@@ -6,6 +6,10 @@ path the number of statements, more than their size, sets the pace. A
 own task (no hand-over, no added latency), and gathers whatever arrives while
 that statement runs into the next one: one statement per round trip, however
 many requests.
+
+A coalescer is idle when no write is running and none is queued. `on_idle` is
+called each time it becomes so: an owner that keeps one per key (findlock's,
+per node set) drops it then, and holds only those with work in flight.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ class Coalescer(Generic[T, R]):
     """`write(items)` returns one result per item, in order."""
 
     def __init__(
-        self, write: Callable[[list[T]], Awaitable[list[R]]], name: str, max_batch: int = 256
+        self,
+        write: Callable[[list[T]], Awaitable[list[R]]],
+        name: str,
+        max_batch: int = 256,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._write = write
         self._name = name
         self._max = max_batch
+        self._on_idle = on_idle
         self._queue: list[tuple[T, asyncio.Future[R]]] | None = None
         self._runners: set[asyncio.Task[None]] = set()
 
@@ -44,7 +53,7 @@ class Coalescer(Generic[T, R]):
                 self._runners.add(runner)
                 runner.add_done_callback(self._runners.discard)
             else:
-                self._queue = None
+                self._became_idle()
         return await future
 
     async def _drain(self) -> None:
@@ -52,10 +61,16 @@ class Coalescer(Generic[T, R]):
             while self._queue:
                 await self._write_some()
         finally:
-            queue, self._queue = self._queue or [], None
+            queue = self._queue or []
+            self._became_idle()
             for _, future in queue:
                 if not future.done():
                     future.cancel()
+
+    def _became_idle(self) -> None:
+        self._queue = None  # nothing running or queued: the next submit writes at once
+        if self._on_idle is not None:
+            self._on_idle()
 
     async def _write_some(self) -> None:
         assert self._queue is not None

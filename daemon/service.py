@@ -68,21 +68,45 @@ class Refusals:
 
     A misconfigured worker retries every few seconds forever, so each claimant
     gets one line per `every` seconds, the next one counting those in between.
+    Who a request claims to be is the client's choice, so at most `remember`
+    claimants are kept: when a new one finds them all taken, the one logged
+    longest ago makes room if that was `every` seconds ago or more (its next
+    refusal is logged anyway); if not, the new claimant's refusals are counted
+    with all the others' beyond the bound, in one line per `every` seconds.
     """
 
-    def __init__(self, every: float = 60.0, remember: int = 10_000) -> None:
+    def __init__(self, every: float = 60.0, remember: int = 1_000) -> None:
         self._every = every
         self._remember = remember
-        self._seen: dict[str, tuple[float, int]] = {}  # who → (last logged, held back)
+        # who → (last logged, held back), in the order their lines were logged
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._unnamed = Throttle(every)
 
     def note(self, op: str, err: Unauthorized, source: str) -> None:
         now = time.monotonic()
         last, held = self._seen.get(err.who, (-self._every, 0))
         if now - last < self._every:
-            self._seen[err.who] = (last, held + 1)
+            self._seen[err.who] = (last, held + 1)  # keeps its place in the order
             return
+        self._seen.pop(err.who, None)
         if len(self._seen) >= self._remember:
-            self._seen.clear()  # a flood of made-up names: forget, keep logging
+            oldest = next(iter(self._seen))
+            if now - self._seen[oldest][0] >= self._every:
+                del self._seen[oldest]  # its next refusal is logged anyway
+        if len(self._seen) >= self._remember:
+            count = self._unnamed.due()
+            if count is not None:
+                log.warning(
+                    "refused %s for %s from %s: %s (%d refused since the last such line "
+                    "for claimants beyond the %d logged one by one)",
+                    op,
+                    err.who,
+                    source,
+                    err.why,
+                    count,
+                    self._remember,
+                )
+            return
         self._seen[err.who] = (now, 0)
         more = f" ({held} more refused since the last line)" if held else ""
         log.warning("refused %s for %s from %s: %s%s", op, err.who, source, err.why, more)

@@ -55,7 +55,10 @@ class Turns:
         self._limit = limit
         self._per_requester = per_requester
         self._backlog = backlog
-        # Requesters in turn order: the one served moves to the back.
+        # Requesters in turn order: the one served moves to the back. Requesters
+        # are the clients' choice (a fresh inbox prefix each time costs nothing),
+        # so each map holds one only while it has requests waiting, or running:
+        # at most `backlog` and `limit` of them.
         self._waiting: dict[str, deque[tuple[Endpoint, Msg]]] = {}
         self._waiting_count = 0
         self._running: dict[str, int] = {}

@@ -197,7 +197,14 @@ class Pick:
 
 
 class Picks:
-    """findlock's batches: one per node_ids set, picks of any models in each."""
+    """findlock's batches: one per node_ids set, picks of any models in each.
+
+    A node set's batcher lives only while it has picks running or waiting: it
+    is made by the first pick of a quiet period and dropped as soon as it is
+    idle again. Clients choose the sets, so keeping every set ever seen would
+    let one that sends new sets grow the daemon without end; this way the map
+    holds at most as many sets as requests in flight (REGISTRY_MAX_CONCURRENCY).
+    """
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -209,10 +216,25 @@ class Picks:
         key = tuple(sorted(set(node_ids)))
         batch = self._by_nodes.get(key)
         if batch is None:
-            batch = self._by_nodes[key] = Coalescer(
-                lambda picks: self._place(list(key), picks), name="findlock", max_batch=MAX_BATCH
-            )
+            batch = self._by_nodes[key] = self._batch(key)
         return await batch.submit(Pick(model, lease_s))
+
+    def _batch(self, key: tuple[str, ...]) -> Coalescer[Pick, dict[str, Any] | None]:
+        def forget() -> None:
+            if self._by_nodes.get(key) is batch:
+                del self._by_nodes[key]
+
+        batch: Coalescer[Pick, dict[str, Any] | None] = Coalescer(
+            lambda picks: self._place(list(key), picks),
+            name="findlock",
+            max_batch=MAX_BATCH,
+            on_idle=forget,
+        )
+        return batch
+
+    def __len__(self) -> int:
+        """Node sets with picks in flight."""
+        return len(self._by_nodes)
 
     async def _place(self, node_ids: list[str], picks: list[Pick]) -> list[dict[str, Any] | None]:
         lease_ids = [None if p.lease_s is None else new_lease_id() for p in picks]

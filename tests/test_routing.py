@@ -9,6 +9,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from daemon.app import Daemon
+from daemon.db import Database
+from subjects.routing import Picks
 from tests.support import CallError, Client
 
 
@@ -137,6 +140,43 @@ async def test_concurrent_picks_spread_over_replicas(
     counts = [r["in_flight"] for r in await pg.fetch("SELECT in_flight FROM replicas")]
     assert sum(counts) == 64
     assert max(counts) - min(counts) <= 2, counts
+
+
+class CountedPicks(Picks):
+    """findlock's batches, recording the size of each statement's batch."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.batches: Counter[tuple[tuple[str, ...], int]] = Counter()
+
+    async def _place(self, node_ids: list[str], picks: Any) -> list[dict[str, Any] | None]:
+        self.batches[tuple(node_ids), len(picks)] += 1
+        return await super()._place(node_ids, picks)
+
+
+async def test_a_node_sets_batch_lives_only_while_its_picks_run(
+    daemon: Daemon, client: Client
+) -> None:
+    # Clients choose node sets freely: a batch kept per set ever seen would grow
+    # the daemon with every new one (contract v1.1). Concurrent picks on one set
+    # still share a statement.
+    a, b = await client.healthy_node("gpu-a"), await client.healthy_node("gpu-b")
+    await client.replica(a)
+    await client.replica(b)
+    assert daemon.db is not None
+    picks = CountedPicks(daemon.db)
+    sets = [(a["id"],), (b["id"],), (a["id"], b["id"])]
+    burst = asyncio.gather(*(picks.pick("m", sets[i % 3], None) for i in range(30)))
+    await asyncio.sleep(0)  # every pick has started: the first of each set is running
+    assert len(picks) == 3
+    placed = await burst
+    assert all(p is not None for p in placed)
+    # Per set, the first pick at once, and the nine that came meanwhile together.
+    assert picks.batches == {(tuple(sorted(s)), n): 1 for s in sets for n in (1, 9)}
+    assert len(picks) == 0
+    # A set seen before gets a batch again.
+    assert await picks.pick("m", [b["id"], a["id"]], None) is not None
+    assert len(picks) == 0
 
 
 async def test_inflight_inc_needs_a_replica(client: Client) -> None:
