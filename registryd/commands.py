@@ -14,15 +14,18 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from daemon import logs
 from daemon.config import Settings
+from registryd import admin
+from registryd.admin import STATUSES
 from registryd.agent import Agent, parse_bytes, vram_source
 from registryd.client import Registry
-from registryd.errors import RegistryError
+from registryd.errors import NoResponders, RegistryError
 
 log = logging.getLogger("registryd.agent")
 
@@ -97,8 +100,74 @@ def add(commands: Any, common: argparse.ArgumentParser) -> None:
         "--vram-command", metavar="COMMAND", help="shell command printing the free bytes"
     )
 
+    def admin_parser(name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(
+            name,
+            parents=[common],
+            help=summary,
+            description=(description or summary)
+            + ". Exit 0 done, 1 an error reply (e.g. 404) or no registry reachable, 2 bad usage.",
+        )
+        sub.add_argument("--json", action="store_true", help="machine output: JSON")
+        sub.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request (10)")
+        return sub
 
-NAMES = ("agent",)
+    listed = admin_parser(
+        "nodes",
+        "list the nodes: status, VRAM, replicas, in flight, heartbeat, labels",
+        "One row per node, by name (every page of registry.list)",
+    )
+    listed.add_argument(
+        "--status", action="append", default=[], choices=STATUSES, help="only these (repeatable)"
+    )
+    listed.add_argument(
+        "--label",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only nodes with this label (repeatable: all of them)",
+    )
+    one = admin_parser("node", "everything about one node: fields, labels, replicas, intents")
+    one.add_argument("node", metavar="NAME|ID")
+    admin_parser("models", "each model loaded on a healthy node: replicas, nodes, in flight")
+    queued = admin_parser("intents", "queued backend intents")
+    queued.add_argument("--dead", action="store_true", help="abandoned intents too")
+    for action, summary in (
+        ("approve", "approve a pending node: it becomes healthy and takes work"),
+        ("drain", "drain a node: no new work, its replicas cleared"),
+        ("deregister", "remove a node, its replicas and labels"),
+    ):
+        admin_parser(action, summary).add_argument("node", metavar="NAME|ID")
+    for name, summary in (
+        ("status", "the service at a glance: instances, nodes, replicas, intents"),
+        ("metrics", "the same figures as Prometheus text, for node_exporter's textfile collector"),
+    ):
+        sub = admin_parser(name, summary)
+        sub.add_argument(
+            "--wait",
+            type=_seconds,
+            default=0.5,
+            help="seconds to gather the instances' $SRV.STATS replies (0.5)",
+        )
+        if name == "metrics":
+            sub.add_argument(
+                "--output", metavar="FILE", help="write FILE atomically instead of stdout (*.prom)"
+            )
+
+
+ADMIN = (
+    "nodes",
+    "node",
+    "models",
+    "intents",
+    "approve",
+    "drain",
+    "deregister",
+    "status",
+    "metrics",
+)
+NAMES = ("agent", *ADMIN)
 
 
 def run(
@@ -108,7 +177,85 @@ def run(
     if command == "agent":
         logs.setup(settings.log_format, settings.log_level)
         return asyncio.run(agent_main(settings, args))
+    if command in ADMIN:
+        return asyncio.run(admin_main(command, args, settings, explicit))
     raise ValueError(f"not a client command: {command}")
+
+
+# ---------------------------------------------------------------- admin commands
+
+
+async def admin_main(
+    command: str, args: argparse.Namespace, settings: Settings, explicit: Mapping[str, Any]
+) -> int:
+    out = sys.stdout
+    try:
+        registry = await _connect_once(settings, explicit, args.timeout)
+    except _Unreachable as exc:
+        print(f"registryd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        if command == "nodes":
+            return await admin.nodes(
+                registry, out, statuses=args.status, labels=args.label, as_json=args.json
+            )
+        if command == "node":
+            return await admin.node(registry, out, args.node, as_json=args.json)
+        if command == "models":
+            return await admin.models(registry, out, as_json=args.json)
+        if command == "intents":
+            return await admin.intents(registry, out, dead=args.dead, as_json=args.json)
+        if command in ("approve", "drain", "deregister"):
+            return await admin.change(registry, out, command, args.node, as_json=args.json)
+        if command == "status":
+            return await admin.status(registry, out, window_s=args.wait, as_json=args.json)
+        if command == "metrics":
+            return await admin.metrics(registry, out, window_s=args.wait, output=args.output)
+        raise ValueError(command)
+    except NoResponders:
+        print(f"registryd: no registryd is serving {settings.subject_prefix}.*", file=sys.stderr)
+        return EXIT_ERROR
+    except RegistryError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        await registry.close()
+
+
+class _Unreachable(Exception):
+    pass
+
+
+async def _connect_once(settings: Settings, explicit: Mapping[str, Any], wait_s: float) -> Registry:
+    """A connection for one command, as `registryd call` makes it: no
+    reconnecting, two tries per server, and a daemon started with --embedded
+    from this directory when no NATS URL is given."""
+    from daemon.embedded import running_nats_url
+
+    if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
+        url = running_nats_url(settings.state_dir)
+        if url:
+            settings = settings.model_copy(update={"nats_url": url})
+    last_error: list[Exception] = []
+
+    async def connect_error(exc: Exception) -> None:
+        last_error[:] = [exc]  # nats-py's default prints a traceback per attempt
+
+    try:
+        return await Registry.connect(
+            settings,
+            request_timeout=wait_s,
+            name="registryd admin",
+            allow_reconnect=False,
+            connect_timeout=5,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=connect_error,
+        )
+    except Exception as exc:
+        reason = last_error[0] if last_error else exc
+        detail = str(reason) or type(reason).__name__
+        raise _Unreachable(f"cannot reach NATS at {settings.nats_url}: {detail}") from None
 
 
 # ---------------------------------------------------------------- registryd agent
