@@ -24,6 +24,9 @@ from registryd.errors import (
 )
 from registryd.models import (
     AuthRefs,
+    ExplainNode,
+    ExplainReason,
+    Explanation,
     Intent,
     LoadInfo,
     Node,
@@ -41,6 +44,9 @@ __all__ = [
     "AuthRefs",
     "BadRequest",
     "Conflict",
+    "ExplainNode",
+    "ExplainReason",
+    "Explanation",
     "Intent",
     "Internal",
     "LoadInfo",

@@ -279,6 +279,27 @@ async def test_findlock_and_leases(registry: Registry) -> None:
         await registry.findlock("unknown-model")
 
 
+async def test_explain(registry: Registry) -> None:
+    a = await healthy(registry, "a", total_vram=24 * GiB, available_vram=24 * GiB)
+    await healthy(registry, "b", total_vram=8 * GiB, available_vram=4 * GiB)
+    await registry.register("c", address="c:1")  # never approved
+    await registry.replica_set(a.id, "m", state="loaded")
+
+    why = await registry.explain("m", min_bytes=8 * GiB, page_size=1)  # three pages
+    assert (why.model, why.placeable, why.routable) == ("m", 0, 1)
+    assert [n.name for n in why.nodes] == ["a", "b", "c"]
+    reasons = {n.name: [r.code for r in n.reasons] for n in why.nodes}
+    assert reasons["a"] == ["slots"] and reasons["b"] == ["vram"]
+    assert reasons["c"][0] == "not_approved"
+    assert why.summary.startswith("0/3 nodes")
+
+    first, cursor = await registry.explain_page("m", selector={}, limit=2)
+    assert len(first.nodes) == 2 and cursor is not None
+    rest, cursor = await registry.explain_page("m", selector={}, limit=2, after=cursor)
+    assert [n.name for n in rest.nodes] == ["c"] and cursor is None
+    assert (await registry.explain("m", node_ids=[a.id])).nodes[1].reasons[0].code == "node_set"
+
+
 async def in_flight(pg: asyncpg.Connection) -> int:
     return await pg.fetchval("SELECT COALESCE(sum(in_flight), 0)::int FROM replicas")
 
