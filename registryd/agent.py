@@ -312,7 +312,8 @@ class Agent:
                     await self._register()
                     continue
                 await self._beat()
-                await self._pause(self.interval)
+                if self.node is not None:  # else: forgotten, so register again now
+                    await self._pause(self.interval)
         finally:
             if self.node is not None:
                 await self._go_offline(self.node)

@@ -334,9 +334,11 @@ async def _connect(settings: Settings, name: str) -> Registry:
     """A connection that waits for NATS and reconnects for ever, logging each
     loss and recovery once."""
     nc_state: dict[str, bool] = {"up": False}
+    connected: list[Registry] = []
 
     async def disconnected() -> None:
-        if nc_state["up"]:
+        closing = connected and (connected[0].nc.is_closed or connected[0].nc.is_draining)
+        if nc_state["up"] and not closing:
             nc_state["up"] = False
             nc_state["told"] = True  # no "not reachable" line for its retries
             log.warning("NATS connection lost; reconnecting")
@@ -365,4 +367,5 @@ async def _connect(settings: Settings, name: str) -> Registry:
         error_cb=error,
     )
     nc_state["up"] = True
+    connected.append(registry)
     return registry
