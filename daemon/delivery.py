@@ -30,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from daemon.config import Settings
 from daemon.db import Database
 from daemon.events import Events
-from daemon.intents import Changed, IntentStore, Stored
+from daemon.intents import Changed, Claim, Intent, IntentStore, Stored
 from daemon.retry import Backoff, Outage
 from subjects import intents, node_status
 
@@ -170,51 +170,42 @@ class Delivery:
         return self._s.install_timeout
 
     async def _handle(self, msg: Msg) -> None:
-        stored = Stored(msg.metadata.sequence.stream, orjson.loads(msg.data), msg.subject)
-        intent = stored.body
-        if intent.get("dead"):
+        stored = Stored(msg.metadata.sequence.stream, Intent.decode(msg.data), msg.subject)
+        intent = stored.intent
+        if intent.dead:
             await msg.ack()
             return
         latest = await self._store.get(msg.subject)
         if latest is None or latest.seq != stored.seq:
             await msg.ack()  # cancelled, or replaced by a version of its own
             return
-        now, status = await intents.node_status_and_now(self._db, intent["node_id"])
+        now, status = await intents.node_status_and_now(self._db, intent.node_id)
         if status is None:
-            log.info(
-                "dropping %s of %r: node %s is gone",
-                intent["op"],
-                intent["backend"],
-                intent["node_id"],
-            )
+            log.info("dropping %s: the node is gone", intent.describe())
             await self._store.delete_version(stored)
             await msg.ack()
             return
-        claim = intent.get("delivering")
-        if claim:
-            timeout = self._timeout(intent["op"])
-            ends = datetime.fromisoformat(claim["since"]) + timedelta(
-                seconds=timeout + min(CLAIM_GRACE, timeout)
-            )
+        claim = intent.delivering
+        if claim is not None:
+            timeout = self._timeout(intent.op)
+            ends = claim.since + timedelta(seconds=timeout + min(CLAIM_GRACE, timeout))
             if ends > now:  # being delivered right now, by us or by another daemon
                 await msg.nak(delay=min((ends - now).total_seconds(), self._s.drain_interval))
                 return
-            log.warning("a delivery of %s was never finished; delivering again", describe(intent))
+            log.warning("a delivery of %s was never finished; delivering again", intent.describe())
         if status != "healthy":
             await msg.nak(delay=self._s.drain_interval)
             return
-        wait = (datetime.fromisoformat(intent["next_retry_at"]) - now).total_seconds()
+        wait = (intent.next_retry_at - now).total_seconds()
         if wait > 0:
             await msg.nak(delay=min(wait, self._s.drain_interval))
             return
         token = uuid.uuid4().hex
         # This delivery carries the newest version, so a reissue that waited
         # on an expired claim is answered by it: the mark goes.
-        claimed = {k: v for k, v in intent.items() if k != "reissued"}
+        claimed = replace(intent, delivering=Claim(token, now), reissued=False)
         try:
-            await self._store.put(
-                msg.subject, claimed | {"delivering": {"token": token, "since": now}}, stored.seq
-            )
+            await self._store.put(msg.subject, claimed, stored.seq)
         except Changed:
             await msg.ack()  # changed meanwhile: the newer version is handled instead
             return
@@ -228,11 +219,11 @@ class Delivery:
         await self._record(msg.subject, token, intent, outcome)
 
     async def _release(self, subject: str, token: str) -> None:
-        def unclaim(current: Stored | None) -> dict[str, Any] | None:
-            if current is None or not _claimed_by(current, token):
+        def unclaim(current: Stored | None) -> Intent | None:
+            if current is None or not current.intent.claimed_by(token):
                 return None
             # Due as it stands: a reissue meanwhile is answered by the next delivery.
-            return _unclaimed(current)
+            return current.intent.unclaimed()
 
         try:
             await self._store.write(subject, unclaim)
@@ -241,9 +232,9 @@ class Delivery:
 
     # ------------------------------------------------------------ the worker
 
-    async def _send(self, intent: dict[str, Any]) -> Outcome:
-        node, op, backend = sanitize(intent["node_id"]), intent["op"], intent["backend"]
-        galleries = intent.get("galleries") or ""
+    async def _send(self, intent: Intent) -> Outcome:
+        node, op, backend = sanitize(intent.node_id), intent.op, intent.backend
+        galleries = intent.galleries
         base = f"nodes.{node}.backend"
         if op == "delete":
             return await self._request(f"{base}.delete", {"backend": backend}, self._timeout(op))
@@ -278,10 +269,8 @@ class Delivery:
     def backoff(self, attempts: int) -> float:
         return min(self._s.backoff_base * 2 ** max(attempts - 1, 0), self._s.backoff_cap)
 
-    async def _record(
-        self, subject: str, token: str, intent: dict[str, Any], outcome: Outcome
-    ) -> None:
-        what = describe(intent)
+    async def _record(self, subject: str, token: str, intent: Intent, outcome: Outcome) -> None:
+        what = intent.describe()
         if outcome.kind == "ok":
             await self._done_with(subject, token)
             log.info("%s done", what)
@@ -289,57 +278,55 @@ class Delivery:
         if outcome.kind == "no_responders":
             # A node nobody answers for is not healthy, whatever its last
             # heartbeat said.
-            change = await node_status.no_worker(self._db, intent["node_id"])
+            change = await node_status.no_worker(self._db, intent.node_id)
             if change is not None:
                 await node_status.announce(self._events, self._store, [change])
         now = await intents.database_now(self._db)
         abandoned = False
 
-        def apply(current: Stored | None) -> dict[str, Any] | None:
+        def apply(current: Stored | None) -> Intent | None:
             nonlocal abandoned
             if current is None:
                 return None  # cancelled while we were delivering it
-            ours = _claimed_by(current, token)
-            reissued = ours and bool(current.body.get("reissued"))
-            body = _unclaimed(current) if ours else dict(current.body)
-            body["last_error"] = outcome.error
+            ours = current.intent.claimed_by(token)
+            reissued = ours and current.intent.reissued
+            base = current.intent.unclaimed() if ours else current.intent
+            base = replace(base, last_error=outcome.error)
             if outcome.kind == "in_flight":
                 # Still installing, most likely: look again after the install
                 # timeout, and do not count it as a failed attempt. A reissue
                 # meanwhile waits as long: asking now would give the worker a
                 # second install of this intent while it runs the first.
-                if ours:
-                    body["next_retry_at"] = now + timedelta(seconds=self._s.install_timeout)
-                return body
-            body["attempts"] = int(body.get("attempts", 0)) + 1
+                if not ours:
+                    return base
+                later = now + timedelta(seconds=self._s.install_timeout)
+                return replace(base, next_retry_at=later)
+            base = replace(base, attempts=base.attempts + 1)
             if not ours:
                 # Our claim expired and another daemon took the intent over:
                 # its own outcome decides what comes next.
-                return body
+                return base
             if reissued:
                 # Asked for again while this attempt ran: it goes out once
                 # more now, whatever the count (as a reissue with no delivery
                 # going on would).
-                body["next_retry_at"] = now
-                return body
-            if body["attempts"] >= self._s.max_attempts:
-                body["dead"] = True
-                abandoned = True
-            body["next_retry_at"] = now + timedelta(seconds=self.backoff(body["attempts"]))
-            return body
+                return replace(base, next_retry_at=now)
+            abandoned = base.attempts >= self._s.max_attempts
+            later = now + timedelta(seconds=self.backoff(base.attempts))
+            return replace(base, dead=abandoned, next_retry_at=later)
 
         written = await self._store.write(subject, apply)
         if abandoned and written is not None:
             log.warning(
                 "abandoned %s after %d attempts: %s",
                 what,
-                written.body["attempts"],
+                written.intent.attempts,
                 outcome.error,
                 extra={
-                    "intent_id": intent["id"],
-                    "node_id": intent["node_id"],
-                    "backend": intent["backend"],
-                    "op": intent["op"],
+                    "intent_id": intent.id,
+                    "node_id": intent.node_id,
+                    "backend": intent.backend,
+                    "op": intent.op,
                 },
             )
         else:
@@ -349,31 +336,17 @@ class Delivery:
         """Remove an intent delivered with success, unless it was reissued meanwhile."""
         for _ in range(50):
             current = await self._store.get(subject)
-            if current is None or not _claimed_by(current, token):
+            if current is None or not current.intent.claimed_by(token):
                 return  # cancelled meanwhile, or taken over once our claim expired
-            if current.body.get("reissued"):
+            if current.intent.reissued:
                 # Asked for again while we delivered it: not done, due now.
                 now = await intents.database_now(self._db)
+                again = replace(current.intent.unclaimed(), next_retry_at=now)
                 try:
-                    await self._store.put(
-                        subject, _unclaimed(current) | {"next_retry_at": now}, current.seq
-                    )
+                    await self._store.put(subject, again, current.seq)
                 except Changed:
                     continue
                 return
             # Only this version: a copy or a reissue written meanwhile is seen
             # on the next turn.
             await self._store.delete_version(current)
-
-
-def _claimed_by(stored: Stored, token: str) -> bool:
-    return (stored.body.get("delivering") or {}).get("token") == token
-
-
-def _unclaimed(stored: Stored) -> dict[str, Any]:
-    """The intent without its claim, nor the reissue that waited on the claim."""
-    return {k: v for k, v in stored.body.items() if k not in ("delivering", "reissued")}
-
-
-def describe(intent: dict[str, Any]) -> str:
-    return f"{intent['op']} of {intent['backend']!r} on {intent['node_id']}"

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -60,23 +62,81 @@ def intent_id(node_id: str, backend: str, op: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-# Stored with an intent, never sent: the galleries (Go's json:"-"), a daemon's
-# claim on the delivery in progress, and the mark of a reissue waiting on it.
-_INTERNAL = frozenset({"galleries", "delivering", "reissued"})
+@dataclass(frozen=True)
+class Claim:
+    """A daemon delivering an intent right now: who (a token) and since when."""
+
+    token: str
+    since: datetime
 
 
-@dataclass
-class Stored:
-    """An intent as the stream holds it, with the sequence of its message."""
+@dataclass(frozen=True)
+class Intent:
+    """One backend intent, as its message in the stream holds it.
 
-    seq: int
-    body: dict[str, Any]
-    subject: str = ""
+    A change is a new Intent (dataclasses.replace), written as a new version
+    of the message. `galleries` is kept for the worker and never sent back
+    (Go's json:"-"); `delivering` and `reissued` are the delivery's
+    bookkeeping: a daemon's claim on the attempt in progress, and a reissue
+    that waits for that attempt to end.
+    """
+
+    id: int
+    node_id: str
+    backend: str
+    op: str
+    created_at: datetime
+    next_retry_at: datetime
+    galleries: str = ""
+    attempts: int = 0
+    last_error: str = ""
+    dead: bool = False
+    delivering: Claim | None = None
+    reissued: bool = False
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self, option=orjson.OPT_UTC_Z)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Intent:
+        fields = orjson.loads(data)
+        claim = fields.get("delivering")
+        fields["delivering"] = (
+            Claim(claim["token"], datetime.fromisoformat(claim["since"])) if claim else None
+        )
+        for key in ("created_at", "next_retry_at"):
+            fields[key] = datetime.fromisoformat(fields[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
     def public(self) -> dict[str, Any]:
-        """The wire's intent: not the galleries blob (Go's json:"-"), nor the
-        delivery's bookkeeping (its claim, a reissue waiting on that claim)."""
-        return {k: v for k, v in self.body.items() if k not in _INTERNAL}
+        """The wire's intent, as JSON would carry it (times as RFC 3339 text)."""
+        wire = orjson.loads(self.encode())
+        for key in _INTERNAL:
+            wire.pop(key, None)
+        return wire
+
+    def claimed_by(self, token: str) -> bool:
+        return self.delivering is not None and self.delivering.token == token
+
+    def unclaimed(self) -> Intent:
+        """Without its claim, nor the reissue that waited on the claim."""
+        return dataclasses.replace(self, delivering=None, reissued=False)
+
+    def describe(self) -> str:
+        return f"{self.op} of {self.backend!r} on {self.node_id}"
+
+
+_INTERNAL = ("galleries", "delivering", "reissued")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An intent as the stream holds it, with the sequence and subject of its message."""
+
+    seq: int
+    intent: Intent
+    subject: str
 
 
 class Changed(Exception):
@@ -132,16 +192,34 @@ class IntentStore:
         except NotFoundError:
             return None
         assert msg.data is not None and msg.seq is not None
-        return Stored(msg.seq, orjson.loads(msg.data), subject)
+        return Stored(msg.seq, Intent.decode(msg.data), subject)
 
-    async def all(self, node_id: str | None = None) -> list[Stored]:
-        """Every intent (of one node), read concurrently, one request per intent."""
+    async def subjects(self, node_id: str | None = None) -> list[str]:
+        """The subject of every intent (of one node), in one request."""
         wanted = f"{self.root}.{node_id}.>" if node_id else f"{self.root}.>"
         try:
             info = await self._js.stream_info(self.stream, subjects_filter=wanted)
         except NotFoundError:
             return []
-        subjects = list((info.state.subjects or {}).keys())
+        return list((info.state.subjects or {}).keys())
+
+    async def find(self, wanted: int) -> Stored | None:
+        """The intent with this id. Its subject names its node, op and
+        backend, of which the id is a digest: only that one is read."""
+        for subject in await self.subjects():
+            node_id, op, backend = self._parts(subject)
+            if intent_id(node_id, backend, op) == wanted:
+                return await self.get(subject)
+        return None
+
+    def _parts(self, subject: str) -> tuple[str, str, str]:
+        node_id, op, token = subject.removeprefix(self.root + ".").split(".")
+        backend = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        return node_id, op, backend
+
+    async def all(self, node_id: str | None = None) -> list[Stored]:
+        """Every intent (of one node), read concurrently, one request per intent."""
+        subjects = await self.subjects(node_id)
         gate = asyncio.Semaphore(32)
 
         async def read(subject: str) -> Stored | None:
@@ -153,12 +231,12 @@ class IntentStore:
 
     # ------------------------------------------------------------ writes
 
-    async def put(self, subject: str, body: dict[str, Any], expected_seq: int) -> int:
+    async def put(self, subject: str, intent: Intent, expected_seq: int) -> int:
         """Write a new version if the intent is still at `expected_seq` (0: absent)."""
         try:
             ack = await self._js.publish(
                 subject,
-                orjson.dumps(body, option=orjson.OPT_UTC_Z),
+                intent.encode(),
                 stream=self.stream,
                 headers={"Nats-Expected-Last-Subject-Sequence": str(expected_seq)},
             )
@@ -169,23 +247,23 @@ class IntentStore:
         return ack.seq
 
     async def write(
-        self, subject: str, change: Callable[[Stored | None], dict[str, Any] | None]
+        self, subject: str, change: Callable[[Stored | None], Intent | None]
     ) -> Stored | None:
         """Read, change, write; again while someone else writes in between.
 
         `change` gets the current version (None: no intent) and returns the new
-        body, or None to leave things as they are. Returns what was written.
+        intent, or None to leave things as they are. Returns what was written.
         """
         for _ in range(50):
             current = await self.get(subject)
-            body = change(current)
-            if body is None:
+            intent = change(current)
+            if intent is None:
                 return None
             try:
-                seq = await self.put(subject, body, current.seq if current else 0)
+                seq = await self.put(subject, intent, current.seq if current else 0)
             except Changed:
                 continue
-            return Stored(seq, orjson.loads(orjson.dumps(body, option=orjson.OPT_UTC_Z)), subject)
+            return Stored(seq, intent, subject)
         raise Changed(subject)
 
     async def delete_version(self, stored: Stored) -> None:
@@ -214,9 +292,9 @@ class IntentStore:
         """
         try:
             for stored in await self.all(node_id):
-                if not stored.body.get("dead"):
+                if not stored.intent.dead:
                     try:
-                        await self.put(stored.subject, stored.body, stored.seq)
+                        await self.put(stored.subject, stored.intent, stored.seq)
                     except Changed:
                         pass  # changed meanwhile: that version is looked at anyway
         except Exception as exc:

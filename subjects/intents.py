@@ -9,6 +9,7 @@ delivered, it goes out once more when that attempt ends, never alongside it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,7 @@ from pydantic import Field, StringConstraints
 
 from daemon.db import Database
 from daemon.errors import BadRequest, NotFound
-from daemon.intents import Stored, intent_id
+from daemon.intents import Intent, Stored, intent_id
 from subjects.base import OK, Context, Group, NodeId, Paged, Request, page
 
 group = Group()
@@ -69,34 +70,31 @@ async def backend_op(ctx: Context, req: BackendOpRequest) -> Any:
         )
     now = row["now"]
 
-    def reissue(current: Stored | None) -> dict[str, Any]:
+    def reissue(current: Stored | None) -> Intent:
         if current is None:
-            return {
-                "id": intent_id(req.node_id, req.backend, req.op),
-                "node_id": req.node_id,
-                "backend": req.backend,
-                "op": req.op,
-                "galleries": req.galleries,
-                "attempts": 0,
-                "last_error": "",
-                "created_at": now,
-                "next_retry_at": now,
-                "dead": False,
-            }
-        body = current.body | {"galleries": req.galleries, "next_retry_at": now}
-        if body.get("delivering"):
+            return Intent(
+                id=intent_id(req.node_id, req.backend, req.op),
+                node_id=req.node_id,
+                backend=req.backend,
+                op=req.op,
+                galleries=req.galleries,
+                created_at=now,
+                next_retry_at=now,
+            )
+        intent = replace(current.intent, galleries=req.galleries, next_retry_at=now)
+        if intent.delivering is not None:
             # Being delivered: the worker gets one request of an intent at a
             # time. The claim stays, so this version waits for the attempt to
             # end; the mark has the delivery send it once more then.
-            body["reissued"] = True
-        if body.get("dead"):
+            intent = replace(intent, reissued=True)
+        if intent.dead:
             # Abandoned before: asking again means "try again", from the start.
-            body.update(dead=False, attempts=0)
-        return body
+            intent = replace(intent, dead=False, attempts=0)
+        return intent
 
     stored = await ctx.intents.write(ctx.intents.subject(req.node_id, req.op, req.backend), reissue)
     assert stored is not None
-    return stored.public()
+    return stored.intent.public()
 
 
 class BackendOpsRequest(Paged):
@@ -112,7 +110,7 @@ async def backend_ops(ctx: Context, req: BackendOpsRequest) -> Any:
     """Queued intents by backend, then age; with `dead`, abandoned ones too."""
     after = req.cursor(str, str, int)
     intents = sorted(
-        (s.public() for s in await ctx.intents.all() if req.dead or not s.body.get("dead")),
+        (s.intent.public() for s in await ctx.intents.all() if req.dead or not s.intent.dead),
         key=by_backend_then_age,
     )
     if after[0] is not None:
@@ -127,8 +125,8 @@ async def backend_ops_count(ctx: Context, req: Request) -> Any:
     """How many nodes each backend has a queued intent for."""
     counts: dict[str, int] = {}
     for stored in await ctx.intents.all():
-        if not stored.body.get("dead"):
-            backend = stored.body["backend"]
+        if not stored.intent.dead:
+            backend = stored.intent.backend
             counts[backend] = counts.get(backend, 0) + 1
     return counts
 
@@ -140,8 +138,8 @@ class CancelRequest(Request):
 @group.op("backend_op_cancel", CancelRequest)
 async def backend_op_cancel(ctx: Context, req: CancelRequest) -> Any:
     """Remove a queued or abandoned intent."""
-    for stored in await ctx.intents.all():
-        if stored.body.get("id") == req.id:
-            await ctx.intents.remove(stored.subject)
-            return OK
-    raise NotFound(f"intent {req.id} not found")
+    stored = await ctx.intents.find(req.id)
+    if stored is None:
+        raise NotFound(f"intent {req.id} not found")
+    await ctx.intents.remove(stored.subject)
+    return OK

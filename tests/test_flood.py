@@ -88,7 +88,7 @@ async def test_flood_of_malformed_requests_leaves_others_served(
         if len(replies) == COUNT:
             all_in.set()
 
-    inbox = "_FLOOD." + nc.new_inbox().rpartition(".")[2]
+    inbox = "_INBOX.flood" + nc.new_inbox().rpartition(".")[2]
     await nc.subscribe(inbox + ".*", cb=on_reply)
     for i in range(COUNT):
         op, data, _ = MALFORMED[i % len(MALFORMED)]
