@@ -35,7 +35,7 @@ from daemon.retry import retrying
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService, error_reply
 from daemon.sweep import Sweep
-from subjects import nodes
+from subjects import nodes, routing
 from subjects.base import Context
 
 log = logging.getLogger("registryd")
@@ -89,6 +89,7 @@ class Daemon:
             events=events,
             intents=intents,
             heartbeats=self.heartbeats,
+            batches=routing.Batches(self.db),
             max_reply=self.nc.max_payload or 1024 * 1024,
         )
         self.service = RegistryService(self.nc, ctx, heartbeat_nc=self.heartbeat_nc)

@@ -11,7 +11,7 @@ import base64
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
 
 import asyncpg
 import orjson
@@ -32,6 +32,9 @@ from daemon.errors import BadRequest, NotFound
 from daemon.events import Events
 from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
+
+if TYPE_CHECKING:
+    from subjects.routing import Batches
 
 # ---------------------------------------------------------------- field types
 
@@ -167,19 +170,16 @@ def records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Context:
-    """What a handler may touch: settings, the database, the event publisher and
-    the intent stream.
-
-    `state` is where an endpoint module keeps what must outlive one request in
-    this daemon (findlock's batches), keyed by the module's own name.
-    """
+    """What a handler may touch: settings, the database, the event publisher,
+    the intent stream, and what outlives one request in this daemon (the
+    heartbeat writer, the routing batches), all built once at start-up."""
 
     settings: Settings
     db: Database
     events: Events
     intents: IntentStore
     heartbeats: Heartbeats
-    state: dict[str, Any] = field(default_factory=dict)
+    batches: Batches
     # The largest reply body NATS carries on the request connection (its
     # server's max_payload): a page of a list is cut to fit it.
     max_reply: int = 1024 * 1024

@@ -196,6 +196,16 @@ class Pick:
     lease_s: float | None
 
 
+class Batches:
+    """The routing operations' batches, one set per daemon."""
+
+    def __init__(self, db: Database) -> None:
+        self.picks = Picks(db)
+        self.decrements: Coalescer[tuple[str, str, int], None] = Coalescer(
+            lambda batch: decrement(db, batch), name="inflight_dec", max_batch=1024
+        )
+
+
 class Picks:
     """findlock's batches: one per node_ids set, picks of any models in each.
 
@@ -264,7 +274,7 @@ class Picks:
 async def findlock(ctx: Context, req: FindLockRequest) -> Any:
     """Pick the best loaded replica of a model and count one request in flight on it."""
     if req.prefer is None:
-        picks = ctx.state.get("findlock") or ctx.state.setdefault("findlock", Picks(ctx.db))
+        picks = ctx.batches.picks
         picked = await picks.pick(req.model, req.node_ids, req.lease_s)
     else:
         row = await ctx.db.fetchrow(
@@ -365,11 +375,7 @@ async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
         )
     if req.model is None:
         raise BadRequest("missing required field 'model'")
-    ended = ctx.state.get("inflight_dec") or ctx.state.setdefault(
-        "inflight_dec",
-        Coalescer(lambda batch: decrement(ctx.db, batch), name="inflight_dec", max_batch=1024),
-    )
-    await ended.submit((req.node_id, req.model, req.replica_index))
+    await ctx.batches.decrements.submit((req.node_id, req.model, req.replica_index))
     return OK
 
 
