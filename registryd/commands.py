@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from daemon import logs
 from daemon.config import Settings
 from registryd import admin
@@ -252,7 +254,7 @@ async def _connect_once(settings: Settings, explicit: Mapping[str, Any], wait_s:
             reconnect_time_wait=0.5,
             error_cb=connect_error,
         )
-    except Exception as exc:
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
         reason = last_error[0] if last_error else exc
         detail = str(reason) or type(reason).__name__
         raise _Unreachable(f"cannot reach NATS at {settings.nats_url}: {detail}") from None

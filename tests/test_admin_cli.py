@@ -233,6 +233,11 @@ async def test_approve_drain_deregister(registry: Registry, run: Run) -> None:
     assert (await run("nodes", "--status", "sleepy"))[0] == 2
     code, _, err = await run("nodes", "--check-interval=-1")
     assert code == 2 and "REGISTRY_CHECK_INTERVAL" in err
+    # No NATS there, and no daemon on that prefix: 1, and why.
+    code, _, err = await run("nodes", "--nats-url=nats://127.0.0.1:1")
+    assert code == 1 and err.startswith("registryd: cannot reach NATS at nats://127.0.0.1:1")
+    code, _, err = await run("nodes", "--subject-prefix=nobody-serves-this")
+    assert code == 1 and err == "registryd: no registryd is serving nobody-serves-this.*\n"
 
 
 async def test_status_and_metrics_of_two_instances(
