@@ -34,12 +34,15 @@ from subjects.nodes import Name, by_name
 from subjects.placement import (
     BACKEND,
     HEALTHY,
+    MATCHED_AS,
     SLOT_FREE,
     TAKEN,
+    TAKEN_AS,
+    every_node,
     has_labels,
     in_node_set,
-    label_matches,
-    replicas_of_model,
+    model_replicas,
+    selector_labels,
     vram_fits,
 )
 from subjects.routing import CANDIDATES as ROUTABLE
@@ -97,7 +100,8 @@ def statement(config: str, *, configured_only: bool = False) -> str:
                ({has_labels(KEYS)}) IS NOT TRUE AS fails_selector,
                ({vram_fits("$3::bigint")}) IS NOT TRUE AS fails_vram,
                ({SLOT_FREE}) IS NOT TRUE AS fails_slots
-          FROM nodes n {replicas_of_model("$1::text")} {label_matches(KEYS, VALUES)}
+          FROM nodes n {every_node(model_replicas("$1::text"), TAKEN_AS)}
+          {every_node(selector_labels(KEYS, VALUES), MATCHED_AS)}
     ),
     firsts AS (
         SELECT code, CASE WHEN code = 'status' THEN status END AS status, count(*) AS nodes
