@@ -154,8 +154,8 @@ class Bench:
         """Nodes, and loaded replicas of `models` models spread over them, in bulk."""
         async with self.pool.acquire() as conn:
             await conn.execute(
-                """INSERT INTO nodes (name, address, status, available_vram, total_vram)
-                   SELECT $1 || g, 'a:1', 'healthy', 1 << 34, 1 << 35
+                """INSERT INTO nodes (name, address, status, approved, available_vram, total_vram)
+                   SELECT $1 || g, 'a:1', 'healthy', true, 1 << 34, 1 << 35
                      FROM generate_series(1, $2) g""",
                 f"{prefix}-",
                 nodes,
