@@ -494,8 +494,84 @@ class Bench:
                     f"{d / b:.2f}x before",
                 )
 
+    async def explain(self) -> None:
+        """registry.explain of one model over --nodes nodes, a page of 100."""
+        print("explain", flush=True)
+        count = self.args.nodes
+        model = "explained"
+        # A cluster in which every rule keeps some nodes out: a tenth never
+        # approved, some draining, some agents, two zones, VRAM from 0 to
+        # 23 GiB with some reserved, replica caps of 1 or 2, the model loaded
+        # on a fifth of the nodes and ten other models on half of them.
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO nodes (name, address, approved, status, node_type,
+                                      available_vram, reserved_vram, total_vram,
+                                      max_replicas_per_model)
+                   SELECT 'ex-' || g, 'a:1', g % 10 <> 0,
+                          CASE WHEN g % 10 = 0 THEN 'pending'
+                               WHEN g % 7 = 0 THEN 'draining' ELSE 'healthy' END,
+                          CASE WHEN g % 50 = 1 THEN 'agent' ELSE 'backend' END,
+                          (g % 24)::bigint << 30, (g % 3)::bigint << 30, 24::bigint << 30,
+                          1 + g % 2
+                     FROM generate_series(1, $1) g""",
+                count,
+            )
+            await conn.execute(
+                """INSERT INTO node_labels (node_id, key, value)
+                   SELECT id, 'zone', CASE WHEN hashtext(name) % 2 = 0 THEN 'eu' ELSE 'us' END
+                     FROM nodes WHERE name LIKE 'ex-%'"""
+            )
+            await conn.execute(
+                """INSERT INTO replicas (node_id, model_name, replica_index, state)
+                   SELECT id, $1, 0, 'loaded' FROM nodes
+                    WHERE name LIKE 'ex-%' AND hashtext(name || $1) % 5 = 0""",
+                model,
+            )
+            await conn.execute(
+                """INSERT INTO replicas (node_id, model_name, replica_index, state)
+                   SELECT n.id, 'ex-other' || m, 0, 'loaded'
+                     FROM nodes n, generate_series(1, 10) m
+                    WHERE n.name LIKE 'ex-%' AND hashtext(n.name || m) % 2 = 0"""
+            )
+            nodes = await conn.fetchval("SELECT count(*) FROM nodes")
+            await conn.execute("ANALYZE")
+        cases: list[tuple[str, str, dict[str, Any]]] = [
+            ("explain", "", {"model": model, "limit": 100}),
+            (
+                "explain",
+                ", with a selector and min_bytes",
+                {"model": model, "limit": 100, "selector": {"zone": "eu"}, "min_bytes": 8 << 30},
+            ),
+            ("free_slots", "", {"model": model, "limit": 100}),
+        ]
+        p50s = []
+        for op, _, body in cases:
+            latencies = await self.latencies(op, body, self.args.seconds)
+            p50s.append((statistics.median(latencies), quantile(latencies, 0.99), len(latencies)))
+        reply = await self.call("explain", **cases[0][2])
+        print(f"  {reply['summary']}", flush=True)
+        base = p50s[-1][0]
+        for (_, label, _), (p50, p99, n) in zip(cases[:2], p50s[:2], strict=True):
+            self.report(
+                f"explain over {nodes:,} nodes{label}, a page of 100, p50",
+                f"{p50 * 1e3:.1f} ms (p99 {p99 * 1e3:.1f} ms, {n} requests)",
+                f"free_slots, a page of 100: {base * 1e3:.1f} ms",
+                f"{p50 / base:.1f}x free_slots (target: under 1 s)",
+            )
 
-SECTIONS = ("findlock", "heartbeats", "scale", "malformed")
+    async def latencies(self, op: str, body: dict[str, Any], seconds: float) -> list[float]:
+        """Each request's latency, one after the other, for `seconds` (20 at least)."""
+        latencies: list[float] = []
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop or len(latencies) < 20:
+            started = time.perf_counter()
+            await self.call(op, **body)
+            latencies.append(time.perf_counter() - started)
+        return latencies
+
+
+SECTIONS = ("findlock", "heartbeats", "scale", "malformed", "explain")
 
 
 async def burst(url: str, prefix: str, count: int) -> None:
