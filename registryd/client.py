@@ -264,8 +264,11 @@ class Registry:
         )
         if wait:
             await self.call(f"heartbeat.{node_id}", body)
-        else:
+            return
+        try:
             await self.nc.publish(f"{self.prefix}.heartbeat.{node_id}", orjson.dumps(body))
+        except (nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
+            raise Unavailable("NATS is reconnecting; heartbeat not sent") from None
 
     async def auth_refs(self, node_id: str, auth_user_id: str = "", api_key_id: str = "") -> None:
         body = {"node_id": node_id, "auth_user_id": auth_user_id, "api_key_id": api_key_id}
