@@ -31,7 +31,7 @@ from daemon.errors import classify
 from daemon.events import Events
 from daemon.intents import IntentStore
 from daemon.retry import Outage
-from subjects import node_status
+from subjects import node_status, routing
 
 log = logging.getLogger("registryd.sweep")
 
@@ -39,32 +39,6 @@ log = logging.getLogger("registryd.sweep")
 SWEEP_LOCK_KEY = int.from_bytes(b"regsweep", "big")
 
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
-
-# Each expired lease is released once: its replica is locked first (as every
-# lease statement does, so this cannot deadlock with a release or a removal;
-# replicas locked by someone else wait for the next round), the lease row is
-# deleted, and each deleted lease takes one unit off its replica, never below
-# zero. A lease renewed meanwhile no longer matches once its row is re-read.
-EXPIRE_LEASES = """
-    WITH due AS MATERIALIZED (
-        SELECT r.id FROM replicas r
-         WHERE r.id IN (SELECT replica_id FROM leases WHERE expires_at < now())
-         ORDER BY r.id
-           FOR NO KEY UPDATE OF r SKIP LOCKED
-    ),
-    gone AS (
-        DELETE FROM leases l USING due
-         WHERE l.replica_id = due.id AND l.expires_at < now()
-        RETURNING l.replica_id
-    ),
-    per_replica AS (
-        SELECT replica_id, count(*)::int AS n FROM gone GROUP BY replica_id
-    ),
-    up AS (
-        UPDATE replicas r SET in_flight = greatest(r.in_flight - per_replica.n, 0)
-          FROM per_replica WHERE r.id = per_replica.replica_id
-    )
-    SELECT count(*)::int FROM gone"""
 
 
 class Sweep:
@@ -110,6 +84,6 @@ class Sweep:
         await node_status.announce(self.events, self.intents, changes)
 
     async def expire_leases(self) -> None:
-        released = await self.db.fetchval(EXPIRE_LEASES)
+        released = await routing.expire_leases(self.db)
         if released:
             log.info("released %d expired lease(s)", released)

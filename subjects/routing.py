@@ -399,3 +399,36 @@ async def lease_renew(ctx: Context, req: LeaseRenewRequest) -> Any:
     if expires_at is None:
         raise NotFound(f"lease {req.lease_id} not found: released or expired")
     return {"expires_at": expires_at}
+
+
+# Each expired lease is released once: its replica is locked first (as every
+# lease statement does, so this cannot deadlock with a release or a removal;
+# replicas locked by someone else wait for the next round), the lease row is
+# deleted, and each deleted lease takes one unit off its replica, never below
+# zero. A lease renewed meanwhile no longer matches once its row is re-read.
+EXPIRE_LEASES = """
+    WITH due AS MATERIALIZED (
+        SELECT r.id FROM replicas r
+         WHERE r.id IN (SELECT replica_id FROM leases WHERE expires_at < now())
+         ORDER BY r.id
+           FOR NO KEY UPDATE OF r SKIP LOCKED
+    ),
+    gone AS (
+        DELETE FROM leases l USING due
+         WHERE l.replica_id = due.id AND l.expires_at < now()
+        RETURNING l.replica_id
+    ),
+    per_replica AS (
+        SELECT replica_id, count(*)::int AS n FROM gone GROUP BY replica_id
+    ),
+    up AS (
+        UPDATE replicas r SET in_flight = greatest(r.in_flight - per_replica.n, 0)
+          FROM per_replica WHERE r.id = per_replica.replica_id
+    )
+    SELECT count(*)::int FROM gone"""
+
+
+async def expire_leases(db: Database) -> int:
+    """Release every expired lease once (the sweep calls this each round): how many."""
+    released: int = await db.fetchval(EXPIRE_LEASES)
+    return released
