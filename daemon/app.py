@@ -33,8 +33,9 @@ from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
 from daemon.retry import retrying
 from daemon.sdnotify import Notifier
-from daemon.service import RegistryService, error_reply
+from daemon.service import RegistryService
 from daemon.sweep import Sweep
+from daemon.wire import error_reply
 from subjects import nodes, routing
 from subjects.base import Context
 

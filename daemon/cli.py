@@ -16,6 +16,7 @@ import orjson
 from pydantic import SecretStr
 
 from daemon import __version__, config, logs
+from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -250,7 +251,6 @@ async def ask(nc: NATS, subject: str, body: bytes, wait_s: float) -> Msg:
 
 def error_reply(reply: Msg) -> bool:
     """Whether the reply is an error; if so, it is printed to stderr."""
-    from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
 
     headers = reply.headers or {}
     if ERROR_CODE_HEADER not in headers:
@@ -278,8 +278,8 @@ async def call(
         sys.stdout.write(orjson.dumps(parsed, option=orjson.OPT_INDENT_2).decode() + "\n")
     except orjson.JSONDecodeError:
         sys.stdout.write(reply.data.decode(errors="replace") + "\n")
-    if "Registry-Next" in headers:
-        print(f'(more: add "after": "{headers["Registry-Next"]}")', file=sys.stderr)
+    if NEXT_HEADER in headers:
+        print(f'(more: add "after": "{headers[NEXT_HEADER]}")', file=sys.stderr)
     return 0
 
 
@@ -312,7 +312,7 @@ async def why(
                 if error_reply(reply):
                     return 1
                 pages.append(orjson.loads(reply.data))
-                after = (reply.headers or {}).get("Registry-Next")
+                after = (reply.headers or {}).get(NEXT_HEADER)
                 if after is None:
                     break
                 body["after"] = after

@@ -22,7 +22,6 @@ Two more things differ from a plain micro endpoint:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -38,7 +37,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 from pydantic import ValidationError
 
-from daemon import __version__
+from daemon import __version__, wire
 from daemon.errors import (
     BadRequest,
     RegistryError,
@@ -57,9 +56,6 @@ log = logging.getLogger("registryd.service")
 
 SERVICE_NAME = "registry"
 QUEUE_GROUP = "registry"
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-JSON_OPTIONS = orjson.OPT_UTC_Z
 PENDING_MSGS = 100_000  # per endpoint, read from NATS and not yet dispatched
 
 
@@ -293,7 +289,7 @@ class RegistryEndpoint:
 
     def _failed(self, err: RegistryError) -> tuple[bytes, dict[str, str]]:
         self.stats.error(err)
-        return error_reply(err)
+        return wire.error_reply(err)
 
     async def _finish(
         self, msg: Msg, started: int, body: bytes, headers: dict[str, str] | None
@@ -311,7 +307,7 @@ class RegistryEndpoint:
             raise TooLarge(
                 f"request body is {len(msg.data)} bytes; the limit is {settings.max_payload}"
             )
-        fields = parse_body(msg.data)
+        fields = wire.parse_body(msg.data)
         if op.subject_field:
             fields[op.subject_field] = msg.subject.rsplit(".", 1)[-1]
         if op.reply_field:
@@ -319,7 +315,7 @@ class RegistryEndpoint:
         try:
             return op.model.model_validate(fields)
         except ValidationError as exc:
-            raise BadRequest(describe_validation(exc)) from None
+            raise BadRequest(wire.describe_validation(exc)) from None
 
     async def _answer(self, request: Request) -> tuple[bytes, dict[str, str] | None]:
         result = await self._op.handler(self._ctx, request)
@@ -327,7 +323,7 @@ class RegistryEndpoint:
         if isinstance(result, Reply):
             headers = dict(result.headers) or None
             result = result.body
-        body = orjson.dumps(result, option=JSON_OPTIONS)
+        body = wire.encode(result)
         limit = self._client.max_payload
         if limit and len(body) > limit:
             raise TooLarge(
@@ -335,45 +331,6 @@ class RegistryEndpoint:
                 "ask for pages with 'limit' and 'after'"
             )
         return body, headers
-
-
-def parse_body(data: bytes) -> dict[str, Any]:
-    if not data.strip():
-        return {}
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        # orjson stops at 64-bit integers; the standard parser reads any size,
-        # so a too-large byte count is reported against its field, not as bad JSON.
-        try:
-            value = json.loads(data, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("body must be a JSON object")
-    return value
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """One sentence naming the first bad field, e.g. "total_vram: must be ≤ …"."""
-    err = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in err["loc"]) or "body"
-    if err["type"] == "missing":
-        return f"missing required field '{where}'"
-    message = err["msg"].removeprefix("Value error, ")
-    message = message[0].lower() + message[1:] if message else "invalid value"
-    return f"invalid field '{where}': {message}"
-
-
-def error_reply(err: RegistryError) -> tuple[bytes, dict[str, str]]:
-    body = orjson.dumps({"error": {"code": err.code, "status": err.status, "message": err.message}})
-    # Header values cannot carry line breaks.
-    description = " ".join(err.message.split())
-    return body, {ERROR_HEADER: description, ERROR_CODE_HEADER: str(err.code)}
 
 
 class RegistryService:

@@ -32,6 +32,7 @@ from daemon.errors import BadRequest, NotFound
 from daemon.events import Events
 from daemon.heartbeats import Heartbeats
 from daemon.intents import IntentStore
+from daemon.wire import JSON_OPTIONS, NEXT_HEADER
 
 if TYPE_CHECKING:
     from subjects.routing import Batches
@@ -253,11 +254,9 @@ class Group:
 # ---------------------------------------------------------------- paging
 
 MAX_PAGE = 10_000
-NEXT_HEADER = "Registry-Next"
 # The longest cursor a client may send back, so the longest one we may issue.
 MAX_CURSOR = 4096
 # A reply's body is serialised as the edge does it (daemon/service.py).
-JSON_OPTIONS = orjson.OPT_UTC_Z
 # NATS's max_payload bounds a message's headers and body together: a page
 # leaves room for "NATS/1.0" and the longest Registry-Next header.
 HEADER_ROOM = MAX_CURSOR + 256

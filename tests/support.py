@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from daemon.delivery import sanitize
-from daemon.service import ERROR_CODE_HEADER, ERROR_HEADER
+from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
 
 # What a broken or hostile client sends, at the operations routers and workers
 # use most, and a word the 400's message must hold (the field, or what is wrong).
@@ -111,10 +111,10 @@ async def every_page(client: Client, op: str, /, **fields: Any) -> list[list[Any
     while True:
         items, headers = await client.call_with_headers(op, **fields)
         pages.append(items)
-        if "Registry-Next" not in headers:
+        if NEXT_HEADER not in headers:
             return pages
         assert len(pages) < 10, "paging does not end"
-        fields["after"] = headers["Registry-Next"]
+        fields["after"] = headers[NEXT_HEADER]
 
 
 def parse(reply: Msg) -> Any:

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from daemon import service
+from daemon import wire
 from daemon.app import Daemon
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, connect
@@ -172,7 +172,7 @@ async def test_a_failure_before_the_handler_is_a_500_too(
     def broken(_: bytes) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(service, "parse_body", broken)
+    monkeypatch.setattr(wire, "parse_body", broken)
     with caplog.at_level(logging.ERROR, logger="registryd.service"):
         err = await error_of(client, "list", b"{}")
     monkeypatch.undo()

@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 
 from daemon.app import Daemon
 from daemon.delivery import sanitize
+from daemon.wire import NEXT_HEADER
 from tests.support import Client, Worker, connect, eventually, fails, next_for, until
 
 # Short intervals, so that retries and waits take fractions of a second.
@@ -451,10 +452,10 @@ async def test_paging_through_intents(client: Client) -> None:
         await client.call("backend_op", node_id=node["id"], backend=b, op="install")
     first, headers = await client.call_with_headers("backend_ops", limit=3)
     rest, more = await client.call_with_headers(
-        "backend_ops", limit=3, after=headers["Registry-Next"]
+        "backend_ops", limit=3, after=headers[NEXT_HEADER]
     )
     assert [i["backend"] for i in first + rest] == ["a", "b", "c", "d"]
-    assert "Registry-Next" not in more
+    assert NEXT_HEADER not in more
 
 
 async def test_a_node_turning_healthy_gets_its_intents_at_once(

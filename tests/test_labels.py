@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.support import CallError, Client, add_cooldowns, cooldowns, fails
+from tests.support import CallError, Client, add_cooldowns, cooldowns, every_page, fails
 
 # ---------------------------------------------------------------- helpers
 
@@ -250,15 +250,7 @@ async def test_labels_all_pages_by_node_id(client: Client) -> None:
     await bare_node(client, "unlabelled")  # left out, as without paging
     everything = await client.call("labels_all")
 
-    pages: list[dict[str, Any]] = []
-    fields: dict[str, Any] = {"limit": 2}
-    while True:
-        items, headers = await client.call_with_headers("labels_all", **fields)
-        pages.append(items)
-        if "Registry-Next" not in headers:
-            break
-        assert len(pages) < 10, "paging does not end"
-        fields["after"] = headers["Registry-Next"]
+    pages: list[Any] = await every_page(client, "labels_all", limit=2)
 
     # Still an object keyed by node id, in node id order across the pages.
     assert [len(p) for p in pages] == [2, 2, 1]

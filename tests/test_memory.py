@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 
 from daemon import service
 from daemon.errors import Unauthorized
-from daemon.service import ERROR_CODE_HEADER
+from daemon.wire import ERROR_CODE_HEADER
 from tests.support import Client, Registryd, connect, eventually
 
 COUNT = 40_000

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from daemon.wire import NEXT_HEADER
 from tests.support import CallError, Client
 
 
@@ -39,10 +40,10 @@ async def test_replica_stats_and_loaded_models_see_loaded_replicas_on_healthy_no
     await client.call("healthy", node_id=c["id"])
     page1, headers = await client.call_with_headers("loaded_models", limit=2)
     page2, headers2 = await client.call_with_headers(
-        "loaded_models", limit=2, after=headers["Registry-Next"]
+        "loaded_models", limit=2, after=headers[NEXT_HEADER]
     )
     assert [r["model_name"] for r in page1 + page2] == ["m", "m", "m", "x"]
-    assert "Registry-Next" not in headers2
+    assert NEXT_HEADER not in headers2
 
 
 async def test_nodes_with_model_lists_each_node_once_least_busy_first(client: Client) -> None:
@@ -84,9 +85,9 @@ async def test_nodes_with_model_pages_list_every_node_once_while_loads_change(
         if busiest is not None:
             for _ in range(2):
                 await client.call("inflight_dec", node_id=busiest["id"], **ref)
-        if "Registry-Next" not in headers:
+        if NEXT_HEADER not in headers:
             break
-        fields["after"] = headers["Registry-Next"]
+        fields["after"] = headers[NEXT_HEADER]
 
     assert sorted(seen) == sorted(n["id"] for n in nodes)
 

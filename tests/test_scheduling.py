@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from daemon.wire import NEXT_HEADER
 from tests.support import CallError, Client
 
 
@@ -84,9 +85,9 @@ async def test_list_by_model_and_autoscaling_only(client: Client) -> None:
     first, headers = await client.call_with_headers("scheduling_list", limit=2)
     assert [c["model_name"] for c in first] == ["a", "b"]
     rest, headers = await client.call_with_headers(
-        "scheduling_list", limit=2, after=headers["Registry-Next"]
+        "scheduling_list", limit=2, after=headers[NEXT_HEADER]
     )
-    assert [c["model_name"] for c in rest] == ["c"] and "Registry-Next" not in headers
+    assert [c["model_name"] for c in rest] == ["c"] and NEXT_HEADER not in headers
 
 
 async def test_the_cooldown_cycle(client: Client) -> None:
