@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from daemon.app import Daemon
 from tests.conftest import REGISTRYD
-from tests.support import CallError, Client, every_page, fails
+from tests.support import CallError, Client, connect, every_page, fails, parse
 
 GiB = 1 << 30
 MODEL = "qwen3-8b"
@@ -200,6 +200,51 @@ async def test_nodes_page_by_name_and_the_summary_counts_them_all(client: Client
     for p in pages:
         assert p["summary"] == "4/7 nodes can take a replica of m: 3 below 3.0 GiB effectively free"
         assert p["placeable"] == 4
+
+
+async def test_figures_that_round_alike_come_with_their_bytes(client: Client) -> None:
+    await client.healthy_node("almost", available_vram=8 * GiB - 1)
+    reply = await client.call("explain", model="m", min_bytes=8 * GiB)
+    assert messages(reply, "almost") == [
+        "8.0 GiB effectively free (8.0 GiB free, 0.0 GiB reserved) < 8.0 GiB"
+        f" ({8 * GiB - 1} < {8 * GiB} bytes)"
+    ]
+
+
+async def test_a_page_too_large_for_nats_is_cut_to_fit(
+    nats_with: Callable[[str], Any],  # first: its server outlives the daemon
+    start_daemon: Callable[..., Awaitable[Daemon]],
+) -> None:
+    server = nats_with("max_payload: 16384\n")
+    daemon = await start_daemon(nats_url=server.url)
+    nc = await connect(server.url)
+    client = Client(nc, daemon.settings.subject_prefix)
+    try:
+        names = [f"n{i}" for i in range(6)]
+        for name in names:
+            await client.healthy_node(name)
+        # The longest model name, all quotes (each escaped in JSON, in the
+        # model and the summary), and a selector no node matches: each node's
+        # message names its ten pairs, ~5 KB, so a page holds two or three.
+        model = '"' * 255
+        selector = {f"{j}".ljust(128, "k"): "v" * 255 for j in range(10)}
+        await fails(client.call("explain", model=model, selector=selector), 413, "'limit'")
+        fields: dict[str, Any] = {"model": model, "selector": selector, "limit": 6}
+        seen: list[str] = []
+        for _ in range(10):
+            msg = await client.raw("explain", orjson.dumps(fields))
+            reply = parse(msg)
+            headers = dict(msg.headers or {})
+            assert len(msg.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) <= 16384
+            assert 1 <= len(reply["nodes"]) < 6
+            assert reply["summary"].endswith(": 6 not matching the selector")
+            seen += [n["name"] for n in reply["nodes"]]
+            if "Registry-Next" not in headers:
+                break
+            fields["after"] = headers["Registry-Next"]
+        assert seen == names
+    finally:
+        await nc.close()
 
 
 @pytest.mark.parametrize(
