@@ -151,11 +151,12 @@ class Listener:
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
-    """Poll `check` until it returns something other than None, or fail after `within` seconds."""
+    """Poll `check` until it returns something other than None or False, or
+    fail after `within` seconds: the one way the tests wait for a condition."""
     deadline = time.monotonic() + within
     while True:
         result = await check()
-        if result is not None:
+        if result is not None and result is not False:
             return result
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within:g}s waiting for {what}")
@@ -246,22 +247,20 @@ class Worker:
             await msg.respond(orjson.dumps(self.reply))
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, dict[str, Any]]]:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count:
-            assert time.monotonic() < deadline, f"worker got {self.requests}, wanted {count}"
-            await asyncio.sleep(0.02)
+        async def arrived() -> bool:
+            return len(self.requests) >= count
+
+        await eventually(arrived, f"{count} worker requests (got {self.requests})", timeout)
         return self.requests
 
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy, failing after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+    """Poll `check` until it returns something truthy (as `eventually`)."""
+
+    async def truthy() -> Any:
+        return await check() or None
+
+    return await eventually(truthy, "a condition", timeout)
 
 
 class Proxy:

@@ -14,17 +14,9 @@ import asyncpg
 import pytest
 
 from daemon.app import Daemon
-from tests.support import Client, fails
+from tests.support import Client, fails, until
 
 FAST = {"check_interval": 0.2}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll `check` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def in_flight(pg: asyncpg.Connection) -> int:
@@ -244,7 +236,7 @@ async def test_expired_leases_are_released_within_a_check_interval(
     await client.call("findlock", model="m")
     assert await in_flight(pg) == 3
     started = time.monotonic()
-    await eventually(lambda: lease_count_is(pg, 1), timeout=3)
+    await until(lambda: lease_count_is(pg, 1), timeout=3)
     assert time.monotonic() - started < 0.3 + 1.0
     assert await in_flight(pg) == 2
     # Released as if by inflight_dec: giving it back now changes nothing.
@@ -274,7 +266,7 @@ async def test_two_daemons_release_each_expired_lease_once(
         *({"model": "m"} for _ in range(10)),
     ]
     await asyncio.gather(*(client.call("findlock", body) for body in bodies))
-    await eventually(lambda: lease_count_is(pg, 10), timeout=5)
+    await until(lambda: lease_count_is(pg, 10), timeout=5)
     assert await in_flight(pg) == 20
     # A few more rounds of both daemons: nothing is released twice.
     deadline = time.monotonic() + 1.0
@@ -303,6 +295,6 @@ async def test_a_lease_survives_a_daemon_restart(
     got = await client.call("lease_renew", lease_id=lease_id, lease_s=0.3)
     assert when(got["expires_at"]) == await pg.fetchval("SELECT expires_at FROM leases")
     assert await in_flight(pg) == 1
-    await eventually(lambda: lease_count_is(pg, 0), timeout=3)
+    await until(lambda: lease_count_is(pg, 0), timeout=3)
     assert await in_flight(pg) == 0
     await fails(client.call("lease_renew", lease_id=lease_id, lease_s=5), 404)

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.support import (
     connect,
     cooldowns,
     drained_for,
+    eventually,
     every_page,
     fails,
     next_for,
@@ -82,14 +82,12 @@ async def poll(
     timeout: float = 5.0,
 ) -> asyncpg.Record:
     """Re-read a row until `until` holds, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def holds() -> asyncpg.Record | None:
         row = await pg.fetchrow(sql, *args)
-        if row is not None and until(row):
-            return row
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s; last row: {row}")
-        await asyncio.sleep(0.02)
+        return row if row is not None and until(row) else None
+
+    return await eventually(holds, f"a row of {sql!r} to change", timeout)
 
 
 async def assert_cooldowns_cleared(pg: asyncpg.Connection, count: int = 2) -> None:

@@ -11,15 +11,13 @@ import orjson
 
 from daemon.app import Daemon
 from subjects import OPERATIONS
-from tests.support import CallError, Client
+from tests.support import CallError, Client, eventually
 
 
 async def srv(client: Client, verb: str, daemon: Daemon) -> dict[str, Any]:
     # Address this daemon's instance by id: other test runs may share the NATS server.
     assert daemon.service is not None
-    reply = await client.nc.request(
-        f"$SRV.{verb}.registry.{daemon.service.id}", b"", timeout=5
-    )
+    reply = await client.nc.request(f"$SRV.{verb}.registry.{daemon.service.id}", b"", timeout=5)
     return orjson.loads(reply.data)
 
 
@@ -69,15 +67,17 @@ async def test_stats_count_requests_and_errors(client: Client, daemon: Daemon) -
 
 
 async def waiting_on_lock(pg: asyncpg.Connection, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        waiting = await pg.fetchval(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    async def waiting() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
         )
-        if waiting:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the first request never reached the database lock")
+
+    await eventually(
+        waiting, "the first request to reach the database lock", deadline - time.monotonic()
+    )
 
 
 async def test_slow_requests_on_one_endpoint_overlap(

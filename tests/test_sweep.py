@@ -16,20 +16,12 @@ import pytest
 from daemon.app import Daemon
 from daemon.sweep import SWEEP_LOCK_KEY
 from tests.conftest import through
-from tests.support import Client, Listener, Proxy, drained_for, next_for
+from tests.support import Client, Listener, Proxy, drained_for, next_for, until
 
 # A round every 0.2 s; a node is stale after 30 s without a heartbeat, so the
 # nodes a test registers stay fresh unless the test ages them.
 FAST = {"check_interval": 0.2, "stale_after": 30}
 PERIOD = FAST["check_interval"]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll `check` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def age(pg: asyncpg.Connection, *node_ids: str, seconds: int = 120) -> None:
@@ -85,7 +77,7 @@ async def test_a_silent_healthy_node_becomes_unhealthy(
     invalidations = await client.listen("prefixcache.invalidate")
 
     await age(pg, silent["id"])
-    await eventually(becomes(pg, silent["id"], "unhealthy"))
+    await until(becomes(pg, silent["id"], "unhealthy"))
     _, event = await next_for(events, silent["id"])
     assert event == {
         "node_id": silent["id"],
@@ -118,7 +110,7 @@ async def test_with_auto_offline_a_silent_node_goes_offline_and_loses_its_replic
     invalidations = await client.listen("prefixcache.invalidate")
 
     await age(pg, silent["id"])
-    await eventually(becomes(pg, silent["id"], "offline"))
+    await until(becomes(pg, silent["id"], "offline"))
     _, event = await next_for(events, silent["id"])
     assert (event["status"], event["previous_status"]) == ("offline", "healthy")
     assert event["reason"].startswith("no heartbeat for ")
@@ -145,11 +137,11 @@ async def test_a_heartbeat_brings_a_swept_node_back(
     gone = "offline" if auto_offline else "unhealthy"
     events = await node_events(client)
     await age(pg, node["id"])
-    await eventually(becomes(pg, node["id"], gone))
+    await until(becomes(pg, node["id"], gone))
     assert (await next_for(events, node["id"]))[1]["status"] == gone
 
     await heartbeat(client, node["id"])
-    await eventually(becomes(pg, node["id"], "healthy"))
+    await until(becomes(pg, node["id"], "healthy"))
     _, event = await next_for(events, node["id"])
     assert event == {
         "node_id": node["id"],
@@ -173,12 +165,12 @@ async def test_a_node_marked_down_by_hand_waits_for_its_next_heartbeat(
     control = await client.healthy_node("gpu-control")
     await client.call(op, node_id=node["id"])
     await age(pg, control["id"])
-    await eventually(becomes(pg, control["id"], "unhealthy"))  # a round went by...
+    await until(becomes(pg, control["id"], "unhealthy"))  # a round went by...
     await heartbeat(client, control["id"])
-    await eventually(becomes(pg, control["id"], "healthy"))  # ...and another
+    await until(becomes(pg, control["id"], "healthy"))  # ...and another
     assert await status(pg, node["id"]) == op
     await heartbeat(client, node["id"])
-    await eventually(becomes(pg, node["id"], "healthy"))
+    await until(becomes(pg, node["id"], "healthy"))
 
 
 async def test_draining_and_pending_nodes_are_left_alone(
@@ -194,18 +186,18 @@ async def test_draining_and_pending_nodes_are_left_alone(
 
     # Stale: the round that takes the control node down passes them over.
     await age(pg, draining["id"], pending["id"], control["id"])
-    await eventually(becomes(pg, control["id"], "offline"))
+    await until(becomes(pg, control["id"], "offline"))
     # Fresh again: the round that revives the control node passes them over.
     for node in (draining, pending, control):
         await heartbeat(client, node["id"])
-    await eventually(becomes(pg, control["id"], "healthy"))
+    await until(becomes(pg, control["id"], "healthy"))
     assert await status(pg, draining["id"]) == "draining"
     assert await status(pg, pending["id"]) == "pending"  # still needs approval
     assert await drained_for(events, client, draining["id"], pending["id"]) == []
     # Approval still works, and then the node is swept like any other.
     await client.call("approve", node_id=pending["id"])
     await age(pg, pending["id"])
-    await eventually(becomes(pg, pending["id"], "offline"))
+    await until(becomes(pg, pending["id"], "offline"))
 
 
 async def test_a_registering_node_is_left_alone(
@@ -216,7 +208,7 @@ async def test_a_registering_node_is_left_alone(
     control = await client.healthy_node("gpu-control")
     await pg.execute("UPDATE nodes SET status = 'registering' WHERE id = $1", node["id"])
     await age(pg, node["id"], control["id"])
-    await eventually(becomes(pg, control["id"], "unhealthy"))
+    await until(becomes(pg, control["id"], "unhealthy"))
     assert await status(pg, node["id"]) == "registering"
 
 
@@ -240,10 +232,10 @@ async def test_one_instance_sweeps_and_each_change_is_announced_once(
         return all(r[0] == wanted for r in rows)
 
     await age(pg, *ids)
-    await eventually(lambda: all_are("offline"))
+    await until(lambda: all_are("offline"))
     for node_id in ids:
         await heartbeat(client, node_id)
-    await eventually(lambda: all_are("healthy"))
+    await until(lambda: all_are("healthy"))
     # Listen on through a few more rounds of both daemons.
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 5 * PERIOD
@@ -273,7 +265,7 @@ async def test_a_round_is_skipped_while_another_instance_holds_the_lock(
         while time.monotonic() < deadline:
             assert await status(pg, node["id"]) == "healthy"
             await asyncio.sleep(PERIOD / 2)
-    await eventually(becomes(pg, node["id"], "unhealthy"))
+    await until(becomes(pg, node["id"], "unhealthy"))
 
 
 async def test_the_sweep_outlives_a_broken_database(
@@ -297,7 +289,7 @@ async def test_the_sweep_outlives_a_broken_database(
 
     await pg.execute("ALTER TABLE nodes RENAME TO nodes_away")
     try:
-        await eventually(failed)
+        await until(failed)
         assert "nodes" in failures()[0].getMessage()
         # Further rounds fail the same way: the outage is logged once.
         deadline = time.monotonic() + 5 * PERIOD
@@ -307,7 +299,7 @@ async def test_the_sweep_outlives_a_broken_database(
     finally:
         await pg.execute("ALTER TABLE nodes_away RENAME TO nodes")
     await age(pg, node["id"])
-    await eventually(becomes(pg, node["id"], "unhealthy"))
+    await until(becomes(pg, node["id"], "unhealthy"))
 
     # The round logs its recovery once it has published its events, a moment
     # after the commit the line above saw: wait for the line, too.
@@ -317,7 +309,7 @@ async def test_the_sweep_outlives_a_broken_database(
             for r in caplog.records
         )
 
-    await eventually(recovered)
+    await until(recovered)
     assert len(failures()) == 1
 
 
@@ -339,12 +331,12 @@ async def test_the_sweep_outlives_an_unreachable_database(
     async def failed() -> bool:
         return bool(logged("health sweep failed"))
 
-    await eventually(failed, timeout=10)
+    await until(failed, timeout=10)
     proxy.restore()
     await age(pg, node["id"])
-    await eventually(becomes(pg, node["id"], "unhealthy"), timeout=15)
+    await until(becomes(pg, node["id"], "unhealthy"), timeout=15)
 
     async def recovered() -> bool:  # logged after the round's events: wait for it
         return logged("health sweep working again")
 
-    await eventually(recovered)
+    await until(recovered)
