@@ -27,6 +27,7 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
+from daemon.wire import NEXT_HEADER
 from registryd.errors import (
     ERROR_CODE_HEADER,
     NoResponders,
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("registryd.client")
 
-NEXT_HEADER = "Registry-Next"
 # Items per page when an iterator walks a list (the contract allows 1-10000).
 PAGE_SIZE = 1000
 

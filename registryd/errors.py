@@ -13,8 +13,7 @@ from typing import Any
 
 import orjson
 
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER
 
 
 class RegistryError(Exception):
