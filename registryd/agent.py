@@ -17,24 +17,37 @@ registry no longer knows the node (deregistered by an admin, or the database
 rebuilt) and registers again. Daemon and NATS restarts are ridden out:
 nats-py reconnects for ever, and a request that finds no daemon, times out or
 gets 503 is retried at the next heartbeat (registration with backoff). Other
-errors (a wrong token: 401; a bad field: 400) end `run` with the error.
+errors (a wrong token or node key: 401; a bad field: 400) end `run` with the
+error.
+
+`registryd agent` registers with a node key (contract v1.2) kept in a file,
+`<REGISTRY_STATE_DIR>/agent/<name>.key` by default: `load_node_key` creates it
+with a random key on the first start and returns the same key on every later
+one. The first registration of the name binds the key, so no other host with
+the registration token can take the name over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
 import re
+import secrets
 import signal
+import stat
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 from registryd.client import Registry
 from registryd.errors import NoResponders, NotFound, RegistryError, Unavailable
@@ -201,6 +214,98 @@ def total_ram() -> int | None:
         return None
 
 
+# ---------------------------------------------------------------- the node key
+
+
+NODE_KEY_LENGTHS = range(16, 257)  # what `register` accepts (contract v1.2)
+
+
+class NodeKeyError(Exception):
+    """A node key file that holds no usable key."""
+
+
+def node_key_path(state_dir: Path, name: str) -> Path:
+    """Where `registryd agent` keeps the key of the node `name` by default:
+    `<state_dir>/agent/<name>.key`, the name escaped to one safe file name."""
+    stem = quote(name, safe="-_.")
+    if stem.startswith("."):  # no hidden files, no "." or ".."
+        stem = "%2E" + stem[1:]
+    if len(stem) > 200:  # a file name is at most 255 bytes
+        stem = f"{stem[:100]}-{sha256(name.encode()).hexdigest()[:32]}"
+    return state_dir / "agent" / f"{stem}.key"
+
+
+def load_node_key(path: Path) -> str:
+    """The node key in `path`; on the first start (no file yet) a random one
+    (`secrets.token_urlsafe(32)`) is written there first, mode 0600.
+
+    The key is written to a temporary file in the same directory and linked to
+    `path` only if `path` does not exist, so `path` never holds half a key and
+    two agents starting at once end up with the same one (the second link
+    fails and both read the first). Raises OSError or NodeKeyError."""
+    try:
+        return _read_node_key(path)
+    except FileNotFoundError:
+        pass
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as out:  # mkstemp: mode 0600, whatever the umask
+            out.write(key + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            log.info("another start created the node key in %s first; using it", path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            _create_exclusively(path, key)  # a file system without hard links
+        else:
+            _fsync_directory(directory)
+            log.info("generated a node key in %s", path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return _read_node_key(path)
+
+
+def _read_node_key(path: Path) -> str:
+    with path.open() as file:
+        mode = os.fstat(file.fileno()).st_mode
+        key = file.read().strip()
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s can be read by other users (mode %o): chmod 600 it", path, mode & 0o777)
+    if len(key) not in NODE_KEY_LENGTHS:
+        raise NodeKeyError(f"{path} holds {len(key)} characters; a node key is 16-256 characters")
+    return key
+
+
+def _create_exclusively(path: Path, key: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    log.info("generated a node key in %s", path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a directory
+        log.debug("fsync of %s failed: %s", directory, exc)
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- the agent
 
 
@@ -242,7 +347,11 @@ class Outage:
 
 
 class Agent:
-    """Keeps one worker registered and heartbeating until `stop()`."""
+    """Keeps one worker registered and heartbeating until `stop()`.
+
+    `node_key` (16-256 characters) is sent with every registration, binding the
+    name to it; None registers without one (v1). `load_node_key` reads (or
+    first creates) one kept in a file."""
 
     def __init__(
         self,

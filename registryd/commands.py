@@ -25,9 +25,16 @@ from daemon import logs
 from daemon.config import Settings
 from registryd import admin
 from registryd.admin import STATUSES
-from registryd.agent import Agent, parse_bytes, vram_source
+from registryd.agent import (
+    Agent,
+    NodeKeyError,
+    load_node_key,
+    node_key_path,
+    parse_bytes,
+    vram_source,
+)
 from registryd.client import Registry
-from registryd.errors import NoResponders, RegistryError
+from registryd.errors import NoResponders, RegistryError, Unauthorized
 
 log = logging.getLogger("registryd.agent")
 
@@ -84,8 +91,18 @@ def add(commands: Any, common: argparse.ArgumentParser) -> None:
         "--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
     agent.add_argument("--token", help="registration token (default REGISTRY_REGISTRATION_TOKEN)")
-    agent.add_argument(
-        "--node-key-file", type=Path, help="file holding this node's key (16-256 characters)"
+    keys = agent.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--node-key-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding this node's key, 16-256 characters, created with a random key "
+        "if absent (default: REGISTRY_STATE_DIR/agent/NAME.key)",
+    )
+    keys.add_argument(
+        "--no-node-key",
+        action="store_true",
+        help="register without a node key (v1), e.g. for a name bound elsewhere",
     )
     agent.add_argument("--gpu-vendor", help="nvidia, amd, ... (nvidia with NVML)")
     agent.add_argument("--max-replicas", type=int, help="replicas per model this node can host")
@@ -267,13 +284,16 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
     token = args.token
     if token is None and settings.registration_token is not None:
         token = settings.registration_token.get_secret_value()
-    node_key = None
-    if args.node_key_file is not None:
+    node_key: str | None = None
+    key_file: Path | None = None
+    if not args.no_node_key:
+        key_file = args.node_key_file or node_key_path(settings.state_dir, args.name)
         try:
-            node_key = args.node_key_file.read_text().strip()
-        except OSError as exc:
-            log.error("cannot read the node key: %s", exc)
+            node_key = load_node_key(key_file)
+        except (OSError, NodeKeyError) as exc:
+            log.error("cannot read or create the node key in %s: %s", key_file, exc)
             return 2
+        log.info("node key of %s from %s", args.name, key_file.absolute())
     vram = vram_source(args.available_vram, args.total_vram, args.vram_command)
     log.info("agent for %s: free VRAM from %s", args.name, vram.description)
 
@@ -324,6 +344,23 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
             await running
         except RegistryError as exc:
             log.error("the registry refused %s: %s", args.name, exc)
+            if isinstance(exc, Unauthorized) and "node key" in exc.message:
+                if key_file is None:
+                    log.error(
+                        "%s is bound to a node key and --no-node-key sends none: give the "
+                        "node's key with --node-key-file",
+                        args.name,
+                    )
+                else:
+                    log.error(
+                        "%s is bound to a node key other than the one in %s. If this host "
+                        "is that node and lost its key, an admin unbinds it with: registryd "
+                        'call node_key_reset \'{"node_id":"<id>"}\' (the id: registryd node '
+                        "%s); the next start then binds this key",
+                        args.name,
+                        key_file.absolute(),
+                        args.name,
+                    )
             return EXIT_ERROR
         finally:
             await registry.close()

@@ -1,14 +1,18 @@
 """The worker agent against a real daemon: registration, heartbeats, restarts of
-the daemon and of nats-server, deregistration, SIGTERM; and NVML's readings
-through a fake `pynvml` (there is no GPU here)."""
+the daemon and of nats-server, deregistration, SIGTERM, the node key kept in
+the state directory; and NVML's readings through a fake `pynvml` (there is no
+GPU here)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
+import stat
 import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from registryd.agent import (
     FixedVram,
     NvmlVram,
     Vram,
+    load_node_key,
+    node_key_path,
     parse_bytes,
     vram_source,
 )
@@ -306,12 +312,157 @@ async def test_registryd_agent_with_a_wrong_token_exits_1(
     start_daemon: Callable[..., Awaitable[Daemon]],
     spawn: Callable[..., Awaitable[Registryd]],
     daemon_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     daemon = await start_daemon(registration_token="s3cret")
-    env = daemon_env | {"REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix}
+    env = daemon_env | {
+        "REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix,
+        "REGISTRY_STATE_DIR": str(tmp_path / "state"),
+    }
     agent = await spawn("agent", "--name=w", "--address=a:1", "--token=wrong", env=env)
     assert await agent.exit_code() == 1
     assert "401" in agent.output()
+
+
+# ---------------------------------------------------------------- the node key
+
+
+def key_hash(pg_row: asyncpg.Record | None) -> str:
+    assert pg_row is not None
+    return str(pg_row["node_key_hash"])
+
+
+async def key_row(pg: asyncpg.Connection, name: str) -> asyncpg.Record | None:
+    return await pg.fetchrow(
+        "SELECT id, status, address, available_vram, node_key_hash FROM nodes WHERE name = $1",
+        name,
+    )
+
+
+@pytest.fixture
+async def start_agent(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+) -> Callable[..., Awaitable[Registryd]]:
+    """`registryd agent --name=worker-7 ARGS` against a daemon of this test, its
+    REGISTRY_STATE_DIR the given directory."""
+    daemon = await start_daemon()
+    env = daemon_env | {"REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix}
+
+    async def start(state_dir: Path, *args: str) -> Registryd:
+        return await spawn(
+            "agent",
+            "--name=worker-7",
+            "--interval=0.2",
+            *args,
+            env=env | {"REGISTRY_STATE_DIR": str(state_dir)},
+        )
+
+    return start
+
+
+async def registered_with(pg: asyncpg.Connection, agent: Registryd, vram: int) -> asyncpg.Record:
+    """worker-7's row once the agent registered it with `vram` free bytes."""
+
+    async def registered() -> asyncpg.Record | None:
+        agent.assert_running()
+        row = await key_row(pg, "worker-7")
+        ok = row is not None and row["available_vram"] == vram and row["status"] != "offline"
+        return row if ok else None
+
+    row: asyncpg.Record = await eventually(registered, f"worker-7 registered with {vram} free")
+    return row
+
+
+async def test_registryd_agent_keeps_its_node_key_in_its_state_directory(
+    start_agent: Callable[..., Awaitable[Registryd]], pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = await start_agent(state, "--address=10.0.0.7:8000", "--vram-command=echo 111")
+    row = await registered_with(pg, first, 111)
+    key_file = state / "agent" / "worker-7.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    key = key_file.read_text().strip()
+    assert len(key) >= 32
+    assert key_hash(row) == hashlib.sha256(key.encode()).hexdigest()  # bound to the name
+    assert [p.name for p in key_file.parent.iterdir()] == ["worker-7.key"]  # no leftovers
+    first.send(signal.SIGTERM)
+    assert await first.exit_code() == 0, first.output()
+    assert "generated a node key" in first.output()
+
+    second = await start_agent(state, "--address=10.0.0.7:8000", "--vram-command=echo 222")
+    again = await registered_with(pg, second, 222)  # the same key: accepted
+    assert again["id"] == row["id"] and key_hash(again) == key_hash(row)
+    assert key_file.read_text().strip() == key
+    assert "generated a node key" not in second.output()
+    second.send(signal.SIGTERM)
+    assert await second.exit_code() == 0, second.output()
+
+
+async def test_registryd_agent_with_another_key_cannot_take_the_name(
+    start_agent: Callable[..., Awaitable[Registryd]], pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    owner = await start_agent(tmp_path / "a", "--address=10.0.0.7:8000", "--vram-command=echo 1")
+    row = await registered_with(pg, owner, 1)
+
+    other = await start_agent(tmp_path / "b", "--address=10.6.6.6:8000")  # its own new key
+    assert await other.exit_code() == 1, other.output()
+    output = other.output()
+    assert "401" in output and "bound to a node key other than" in output
+    assert "node_key_reset" in output and str(tmp_path / "b") in output
+    keyless = await start_agent(tmp_path / "c", "--no-node-key", "--address=10.6.6.6:8000")
+    assert await keyless.exit_code() == 1, keyless.output()
+    assert "401" in keyless.output() and "--no-node-key sends none" in keyless.output()
+
+    owner.assert_running()
+    now = await key_row(pg, "worker-7")
+    assert now is not None and now["address"] == "10.0.0.7:8000" and now["id"] == row["id"]
+    assert key_hash(now) == key_hash(row)
+
+
+async def test_registryd_agent_without_a_node_key(
+    start_agent: Callable[..., Awaitable[Registryd]], pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    agent = await start_agent(state, "--no-node-key", "--address=a:1", "--vram-command=echo 5")
+    row = await registered_with(pg, agent, 5)
+    assert key_hash(row) == ""  # no key bound: v1
+    assert not (state / "agent").exists()
+    agent.send(signal.SIGTERM)
+    assert await agent.exit_code() == 0, agent.output()
+
+
+async def test_registryd_agent_with_a_node_key_too_short_exits_2(
+    start_agent: Callable[..., Awaitable[Registryd]], tmp_path: Path
+) -> None:
+    key = tmp_path / "short.key"
+    key.write_text("short\n")
+    agent = await start_agent(tmp_path / "state", f"--node-key-file={key}", "--address=a:1")
+    assert await agent.exit_code() == 2
+    assert "16-256 characters" in agent.output()
+
+
+def test_one_node_key_however_many_start_at_once(tmp_path: Path) -> None:
+    path = node_key_path(tmp_path / "state", "gpu-1")
+    with ThreadPoolExecutor(16) as pool:
+        keys = set(pool.map(lambda _: load_node_key(path), range(64)))
+    assert len(keys) == 1 and path.read_text().strip() in keys
+    assert sorted(p.name for p in path.parent.iterdir()) == ["gpu-1.key"]
+    assert load_node_key(path) in keys  # and the same on every later start
+
+
+def test_node_key_file_names_stay_in_the_agent_directory(tmp_path: Path) -> None:
+    names = ["gpu-1.example.com", "a/b", "..", ".", "../x", "ü" * 200, "x" * 255]
+    paths = [node_key_path(tmp_path, name) for name in names]
+    assert paths[0].name == "gpu-1.example.com.key"
+    assert len(set(paths)) == len(names)
+    for path in paths:
+        assert path.parent == tmp_path / "agent" and not path.name.startswith(".")
+        assert len(path.name.encode()) <= 255
+    load_node_key(paths[1])
+    assert (tmp_path / "agent").is_dir() and len(list((tmp_path / "agent").iterdir())) == 1
 
 
 # ---------------------------------------------------------------- VRAM sources
