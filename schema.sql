@@ -1,7 +1,7 @@
 -- registryd schema: the whole current shape of the registry.
 --
 -- Applied at every start-up inside one transaction that holds an advisory
--- lock (daemon/db.py), so it must stay idempotent: IF NOT EXISTS everywhere,
+-- lock (infra/db.py), so it must stay idempotent: IF NOT EXISTS everywhere,
 -- and later columns as ALTER TABLE … ADD COLUMN IF NOT EXISTS below the table.
 -- Every timestamp defaults to the database clock, never the daemon host's.
 --

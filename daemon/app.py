@@ -15,27 +15,25 @@ import functools
 import logging
 import os
 import signal
-import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from typing import Any
 
 import nats
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from daemon import __version__, db
-from daemon.config import Settings
+from daemon import __version__
 from daemon.delivery import Delivery
-from daemon.errors import Unavailable
-from daemon.events import Events
-from daemon.heartbeats import Heartbeats
-from daemon.intents import IntentStore
-from daemon.retry import retrying
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService
 from daemon.sweep import Sweep
-from daemon.wire import error_reply
+from infra import db
+from infra.config import Settings, nats_options
+from infra.errors import Unavailable
+from infra.events import Events
+from infra.heartbeats import Heartbeats
+from infra.intent_stream import IntentStore
+from infra.retry import retrying
+from infra.wire import error_reply
 from subjects import nodes, routing
 from subjects.base import Context
 
@@ -207,39 +205,6 @@ async def run(settings: Settings) -> int:
 
 
 # ---------------------------------------------------------------- NATS
-
-
-def nats_options(s: Settings, *, intents: bool = False) -> dict[str, Any]:
-    """Connection options for the daemon and for `registryd call` alike;
-    `intents` for the daemon's intents connection, which may be another user."""
-    opts: dict[str, Any] = {"servers": s.servers, "name": "registryd"}
-    own = intents and any((s.nats_intents_creds, s.nats_intents_nkey, s.nats_intents_user))
-    creds = s.nats_intents_creds if own else s.nats_creds
-    nkey = s.nats_intents_nkey if own else s.nats_nkey
-    user = s.nats_intents_user if own else s.nats_user
-    password = s.nats_intents_password if own else s.nats_password
-    if creds:
-        opts["user_credentials"] = str(creds)
-    if nkey:
-        seed = nkey.get_secret_value()
-        if Path(seed).is_file():
-            opts["nkeys_seed"] = seed
-        else:
-            opts["nkeys_seed_str"] = seed
-    if user:
-        opts["user"] = user
-    if password:
-        opts["password"] = password.get_secret_value()
-    if s.nats_token:
-        opts["token"] = s.nats_token.get_secret_value()
-    if s.nats_tls_ca or s.nats_tls_cert:
-        context = ssl.create_default_context(cafile=str(s.nats_tls_ca) if s.nats_tls_ca else None)
-        if s.nats_tls_cert:
-            context.load_cert_chain(
-                str(s.nats_tls_cert), str(s.nats_tls_key) if s.nats_tls_key else None
-            )
-        opts["tls"] = context
-    return opts
 
 
 async def ensure_stream(intents: IntentStore) -> None:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import SecretStr
 
-from daemon import __version__, config, logs
-from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
+from daemon import __version__, logs
+from infra import config
+from infra.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -182,7 +183,7 @@ async def serve(settings: config.Settings) -> int:
 
 
 async def migrate(settings: config.Settings) -> int:
-    from daemon import db
+    from infra import db
 
     database = await db.connect(settings, wait=False)
     await database.close()
@@ -199,8 +200,8 @@ async def connection(settings: config.Settings, explicit: dict[str, Any]) -> Asy
     """A NATS connection for one command (`call`, `why`), with the daemon's settings."""
     import nats
 
-    from daemon.app import nats_options
     from daemon.embedded import running_nats_url
+    from infra.config import nats_options
 
     # With no NATS URL given, a daemon started with --embedded from this
     # directory is the one the user means.

@@ -41,11 +41,11 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as RequestTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from daemon.config import Settings
-from daemon.db import Database
-from daemon.events import Events
-from daemon.intents import Changed, Claim, Intent, IntentStore, Stored
-from daemon.retry import Backoff, Outage
+from infra.config import Settings
+from infra.db import Database
+from infra.events import Events
+from infra.intent_stream import Changed, Claim, Intent, IntentStore, Stored
+from infra.retry import Backoff, Outage
 from subjects import intents, node_status
 
 log = logging.getLogger("registryd.delivery")

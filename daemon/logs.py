@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,38 +83,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode().translate(_JSON_RAW)
-
-
-class Throttle:
-    """When to write a line about something that may happen thousands of times
-    a second: the first time at once, then at most once per `every` seconds,
-    each line counting what happened since the previous one.
-
-    One line per occurrence would let a flood fill the log; one line in all
-    would hide that it goes on.
-    """
-
-    def __init__(self, every: float = 60.0) -> None:
-        self._every = every
-        self._last: float | None = None
-        self._held = 0
-
-    def due(self) -> int | None:
-        """Count one occurrence. When a line is due, how many it reports (this
-        one and those held back since the last line); otherwise None."""
-        self._held += 1
-        now = time.monotonic()
-        if self._last is not None and now - self._last < self._every:
-            return None
-        self._last = now
-        count, self._held = self._held, 0
-        return count
-
-    def held(self) -> int:
-        """The occurrences not reported yet, now counted as reported: for a
-        line that closes the episode (the database is back)."""
-        count, self._held = self._held, 0
-        return count
 
 
 def setup(log_format: str, level: str) -> None:

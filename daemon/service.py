@@ -37,8 +37,10 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 from pydantic import ValidationError
 
-from daemon import __version__, wire
-from daemon.errors import (
+from daemon import __version__
+from daemon.turns import Turns, Work
+from infra import wire
+from infra.errors import (
     BadRequest,
     RegistryError,
     TooLarge,
@@ -46,9 +48,7 @@ from daemon.errors import (
     Unavailable,
     classify,
 )
-from daemon.logs import Throttle
-from daemon.retry import Outage
-from daemon.turns import Turns, Work
+from infra.retry import Outage, Throttle
 from subjects import OPERATIONS
 from subjects.base import Context, Operation, Reply, Request
 

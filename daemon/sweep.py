@@ -25,12 +25,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from daemon.config import Settings
-from daemon.db import Database
-from daemon.errors import classify
-from daemon.events import Events
-from daemon.intents import IntentStore
-from daemon.retry import Outage
+from infra.config import Settings
+from infra.db import Database
+from infra.errors import classify
+from infra.events import Events
+from infra.intent_stream import IntentStore
+from infra.retry import Outage
 from subjects import node_status, routing
 
 log = logging.getLogger("registryd.sweep")

@@ -27,7 +27,7 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from daemon.wire import NEXT_HEADER
+from infra.wire import NEXT_HEADER
 from registryd.errors import (
     ERROR_CODE_HEADER,
     NoResponders,
@@ -54,7 +54,7 @@ from registryd.models import (
 )
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
+    from infra.config import Settings
 
 log = logging.getLogger("registryd.client")
 
@@ -99,8 +99,8 @@ class Registry:
         given): the same NATS servers, credentials, TLS and subject prefix.
         The connection reconnects for ever; `options` override any of
         nats.connect's arguments."""
-        from daemon import config
-        from daemon.app import nats_options
+        from infra import config
+        from infra.config import nats_options
 
         if settings is None:
             settings = config.load()  # the REGISTRY_* environment

@@ -22,7 +22,7 @@ from typing import Any
 import nats.errors
 
 from daemon import logs
-from daemon.config import Settings
+from infra.config import Settings
 from registryd import admin
 from registryd.admin import STATUSES
 from registryd.agent import (

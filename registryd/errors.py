@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER
+from infra.wire import ERROR_CODE_HEADER, ERROR_HEADER
 
 
 class RegistryError(Exception):

@@ -26,13 +26,13 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.config import Settings
-from daemon.db import Database
-from daemon.errors import BadRequest, NotFound
-from daemon.events import Events
-from daemon.heartbeats import Heartbeats
-from daemon.intents import IntentStore
-from daemon.wire import JSON_OPTIONS, NEXT_HEADER
+from infra.config import Settings
+from infra.db import Database
+from infra.errors import BadRequest, NotFound
+from infra.events import Events
+from infra.heartbeats import Heartbeats
+from infra.intent_stream import IntentStore
+from infra.wire import JSON_OPTIONS, NEXT_HEADER
 
 if TYPE_CHECKING:
     from subjects.routing import Batches

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from daemon.db import Database
+from infra.db import Database
 from subjects import node_status
 from subjects.base import (
     JSON_OPTIONS,

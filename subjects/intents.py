@@ -1,6 +1,6 @@
 """Backend intents: install, upgrade or delete a backend on a node, eventually.
 
-The intent is written to JetStream (daemon/intents.py) whatever the node's
+The intent is written to JetStream (infra/intent_stream.py) whatever the node's
 state, and daemon/delivery.py delivers it to the worker once the node is
 healthy. Reissuing the same (node, backend, op) refreshes the one intent: it
 keeps its attempts and last error and becomes due now; if it is being
@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
-from daemon.db import Database
-from daemon.errors import BadRequest, NotFound
-from daemon.intents import Intent, Stored, intent_id
+from infra.db import Database
+from infra.errors import BadRequest, NotFound
+from infra.intent_stream import Intent, Stored, intent_id
 from subjects.base import OK, Context, Group, NodeId, Paged, Request, page
 
 group = Group()

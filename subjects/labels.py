@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from daemon.errors import BadRequest, NotFound
+from infra.errors import BadRequest, NotFound
 from subjects.base import (
     OK,
     Context,

@@ -35,10 +35,10 @@ from typing import Any
 
 import asyncpg
 
-from daemon.db import Database
-from daemon.errors import Conflict, NotFound
-from daemon.events import Events
-from daemon.intents import IntentStore
+from infra.db import Database
+from infra.errors import Conflict, NotFound
+from infra.events import Events
+from infra.intent_stream import IntentStore
 
 ANY = ("registering", "pending", "healthy", "unhealthy", "draining", "offline")
 

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, NoReturn
 import asyncpg
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
-from daemon.db import Database
-from daemon.errors import BadRequest, NotFound, Unauthorized, Unavailable
+from infra.db import Database
+from infra.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from subjects import node_status
 from subjects.base import (
     OK,
@@ -445,7 +445,7 @@ async def heartbeat(ctx: Context, req: HeartbeatRequest) -> Any:
     """A worker's heartbeat on registry.heartbeat.<node_id>, with its free VRAM."""
     reading = req.model_dump(include=set(READING))
     if not req.wants_reply:
-        # Published: queued and written with the next batch (daemon/heartbeats.py).
+        # Published: queued and written with the next batch (infra/heartbeats.py).
         ctx.heartbeats.submit(req.node_id, reading)
         return OK
     if not await ctx.heartbeats.write(req.node_id, reading, ctx.settings.db_timeout):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.errors import Conflict, NotFound
+from infra.errors import Conflict, NotFound
 from subjects.base import (
     OK,
     ByteCount,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, StringConstraints
 
-from daemon.errors import Conflict, NotFound
+from infra.errors import Conflict, NotFound
 from subjects.base import (
     MAX_INT32,
     OK,

@@ -33,9 +33,9 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
-from daemon.batching import Coalescer
-from daemon.db import Database
-from daemon.errors import BadRequest, NotFound
+from infra.batching import Coalescer
+from infra.db import Database
+from infra.errors import BadRequest, NotFound
 from subjects.base import (
     OK,
     Context,

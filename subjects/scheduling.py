@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from daemon.errors import NotFound
+from infra.errors import NotFound
 from subjects.base import (
     MAX_INT32,
     OK,

@@ -37,8 +37,8 @@ import nats.errors
 import orjson
 import psutil
 
-from daemon import db as dbmod
 from daemon import embedded
+from infra import db as dbmod
 from tests.conftest import with_database
 from tests.support import MALFORMED
 

@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from daemon import config, db, embedded
+from daemon import embedded
 from daemon.app import Daemon
+from infra import config, db
 from tests.support import Client, Proxy, Registryd, connect
 
 RUN_ID = uuid.uuid4().hex[:8]

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from daemon.delivery import sanitize
-from daemon.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
+from infra.wire import ERROR_CODE_HEADER, ERROR_HEADER, NEXT_HEADER
 
 # What a broken or hostile client sends, at the operations routers and workers
 # use most, and a word the 400's message must hold (the field, or what is wrong).

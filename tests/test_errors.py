@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 import pytest
 
-from daemon import wire
 from daemon.app import Daemon
+from infra import wire
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, connect
 

@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 
 from daemon import embedded, service, turns
 from daemon.app import Daemon
-from daemon.wire import ERROR_CODE_HEADER
+from infra.wire import ERROR_CODE_HEADER
 from tests.support import MALFORMED, Client, Registryd, connect, eventually
 
 COUNT = 10_000

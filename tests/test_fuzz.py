@@ -138,9 +138,9 @@ async def test_random_bodies_never_get_a_500(client: Client, pg: asyncpg.Connect
     work = []
     for op in OPERATIONS:
         for _ in range(BODIES_PER_ENDPOINT):
-            name = op.name
+            name = op.verb
             if op.subject_field:
-                name = f"{op.name}.{rng.choice(['x', target['id'], 'ü', '-1'])}"
+                name = f"{op.verb}.{rng.choice(['x', target['id'], 'ü', '-1'])}"
             work.append(send(name, body(rng, op.model, words)))
     await asyncio.gather(*work)
 

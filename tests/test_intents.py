@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from daemon.app import Daemon
 from daemon.delivery import sanitize
-from daemon.wire import NEXT_HEADER
+from infra.wire import NEXT_HEADER
 from tests.support import Client, Worker, connect, eventually, fails, next_for, until
 
 # Short intervals, so that retries and waits take fractions of a second.

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from daemon import logs
+from infra import retry
 from tests.support import Client, Registryd, connect, eventually, fails
 
 FORGED = "2026-01-01 ERROR forged line"
@@ -144,8 +145,8 @@ def test_a_throttle_says_the_first_at_once_then_once_a_minute_with_a_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
-    throttle = logs.Throttle(every=60)
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    throttle = retry.Throttle(every=60)
     reported = []
     for step in (0, 1, 2, 30, 61, 62, 200):  # seconds since the first
         clock[0] = 1000.0 + step

@@ -31,8 +31,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from daemon import service
-from daemon.errors import Unauthorized
-from daemon.wire import ERROR_CODE_HEADER
+from infra.errors import Unauthorized
+from infra.wire import ERROR_CODE_HEADER
 from tests.support import Client, Registryd, connect, eventually
 
 COUNT = 40_000

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from daemon.wire import NEXT_HEADER
+from infra.wire import NEXT_HEADER
 from tests.support import CallError, Client
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from daemon import service
 from daemon.app import Daemon
-from daemon.errors import Unauthorized
+from infra.errors import Unauthorized
 from tests.support import (
     CallError,
     Client,

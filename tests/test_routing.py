@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from daemon.app import Daemon
-from daemon.db import Database
+from infra.db import Database
 from subjects.routing import Picks
 from tests.support import CallError, Client
 

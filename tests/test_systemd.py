@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config
+from infra import config
 from tests.conftest import through
 from tests.support import Client, Proxy, connect
 

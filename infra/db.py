@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from daemon.config import Settings
-from daemon.retry import retrying
+from infra.config import Settings
+from infra.retry import retrying
 
 log = logging.getLogger("registryd.db")
 
@@ -30,7 +30,7 @@ DEADLOCK_RETRIES = 3
 
 
 def schema_sql() -> str:
-    return resources.files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
+    return resources.files("infra").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 async def migrate(conn: asyncpg.Connection) -> None:

@@ -3,14 +3,16 @@
 Every loop of the daemon that depends on something outside it (PostgreSQL,
 NATS, JetStream) retries the same way and tells the operator the same way:
 `Backoff` spaces the attempts, `retrying` runs an attempt until it succeeds,
-and `Outage` logs when failures start (again if their cause changes) and when
-they end, never once per attempt.
+`Outage` logs when failures start (again if their cause changes) and when
+they end, never once per attempt, and `Throttle` paces the lines about
+something that may happen thousands of times a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -104,3 +106,35 @@ class Outage:
         self._log.info(self._ended.format(cause=self.cause) + more)
         self.cause = None
         return True
+
+
+class Throttle:
+    """When to write a line about something that may happen thousands of times
+    a second: the first time at once, then at most once per `every` seconds,
+    each line counting what happened since the previous one.
+
+    One line per occurrence would let a flood fill the log; one line in all
+    would hide that it goes on.
+    """
+
+    def __init__(self, every: float = 60.0) -> None:
+        self._every = every
+        self._last: float | None = None
+        self._held = 0
+
+    def due(self) -> int | None:
+        """Count one occurrence. When a line is due, how many it reports (this
+        one and those held back since the last line); otherwise None."""
+        self._held += 1
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._every:
+            return None
+        self._last = now
+        count, self._held = self._held, 0
+        return count
+
+    def held(self) -> int:
+        """The occurrences not reported yet, now counted as reported: for a
+        line that closes the episode (the database is back)."""
+        count, self._held = self._held, 0
+        return count

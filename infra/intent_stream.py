@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from daemon.config import Settings
+from infra.config import Settings
 
 log = logging.getLogger("registryd.intents")
 

@@ -33,9 +33,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.errors import Unavailable, classify
-from daemon.logs import Throttle
-from daemon.retry import Backoff, Outage
+from infra.errors import Unavailable, classify
+from infra.retry import Backoff, Outage, Throttle
 
 log = logging.getLogger("registryd.heartbeats")
 

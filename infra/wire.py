@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from daemon.errors import BadRequest, RegistryError
+from infra.errors import BadRequest, RegistryError
 
 # ADR-32's error headers: the message, and the contract's code.
 ERROR_HEADER = "Nats-Service-Error"

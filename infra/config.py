@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -220,3 +221,36 @@ def load(flags: Mapping[str, Any] | None = None) -> Settings:
 _SECRET_FIELDS = {
     name for name, info in Settings.model_fields.items() if "SecretStr" in repr(info.annotation)
 }
+
+
+def nats_options(s: Settings, *, intents: bool = False) -> dict[str, Any]:
+    """Connection options for the daemon and for `registryd call` alike;
+    `intents` for the daemon's intents connection, which may be another user."""
+    opts: dict[str, Any] = {"servers": s.servers, "name": "registryd"}
+    own = intents and any((s.nats_intents_creds, s.nats_intents_nkey, s.nats_intents_user))
+    creds = s.nats_intents_creds if own else s.nats_creds
+    nkey = s.nats_intents_nkey if own else s.nats_nkey
+    user = s.nats_intents_user if own else s.nats_user
+    password = s.nats_intents_password if own else s.nats_password
+    if creds:
+        opts["user_credentials"] = str(creds)
+    if nkey:
+        seed = nkey.get_secret_value()
+        if Path(seed).is_file():
+            opts["nkeys_seed"] = seed
+        else:
+            opts["nkeys_seed_str"] = seed
+    if user:
+        opts["user"] = user
+    if password:
+        opts["password"] = password.get_secret_value()
+    if s.nats_token:
+        opts["token"] = s.nats_token.get_secret_value()
+    if s.nats_tls_ca or s.nats_tls_cert:
+        context = ssl.create_default_context(cafile=str(s.nats_tls_ca) if s.nats_tls_ca else None)
+        if s.nats_tls_cert:
+            context.load_cert_chain(
+                str(s.nats_tls_cert), str(s.nats_tls_key) if s.nats_tls_key else None
+            )
+        opts["tls"] = context
+    return opts

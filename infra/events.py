@@ -9,7 +9,7 @@ from datetime import datetime
 import orjson
 from nats.aio.client import Client as NATS
 
-from daemon.intents import encode_backend
+from infra.intent_stream import encode_backend
 
 log = logging.getLogger("registryd.events")
 
