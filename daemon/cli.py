@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("body", nargs="?", default="{}", help="JSON request body ('-' for stdin)")
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
     # The worker agent and the admin commands, built on the Python client.
-    from registryd import commands as client_commands
+    from daemon import commands as client_commands
 
     client_commands.add(commands, common)
     why = commands.add_parser(
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"registryd: invalid setting {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
     command = args.command or "serve"
-    from registryd import commands as client_commands
+    from daemon import commands as client_commands
 
     if command in client_commands.NAMES:
         return client_commands.run(command, args, settings, flags)

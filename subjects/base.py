@@ -11,7 +11,7 @@ import base64
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import asyncpg
 import orjson
@@ -33,9 +33,6 @@ from infra.events import Events
 from infra.heartbeats import Heartbeats
 from infra.intent_stream import IntentStore
 from infra.wire import JSON_OPTIONS, NEXT_HEADER
-
-if TYPE_CHECKING:
-    from subjects.routing import Batches
 
 # ---------------------------------------------------------------- field types
 
@@ -128,6 +125,12 @@ class NodeRef(Request):
     node_id: NodeId
 
 
+# A node's name: printable, as it shows in logs and tables.
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -167,6 +170,17 @@ def records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- operations
+
+
+class Batches(Protocol):
+    """The routing operations' coalescers (subjects/routing.py builds them):
+    findlock's picks and inflight_dec's decrements, one set per daemon."""
+
+    @property
+    def picks(self) -> Any: ...
+
+    @property
+    def decrements(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -369,3 +383,19 @@ def fitting(items: list[Item], shape: Callable[[list[Item]], Any], budget: int) 
         if size > budget:
             return max(count, 1)
     return len(items)
+
+
+def by_name(node: dict[str, Any]) -> list[Any]:
+    """The sort key of lists of nodes, and of their cursors."""
+    return [node["name"]]
+
+
+def wake_scheduling(when: str = "true") -> str:
+    """A CTE clause for every change that can add capacity (when `when` holds):
+    the reconciler's cooldown flags are cleared so it tries again next tick."""
+    return f"""
+    woken AS (
+        UPDATE scheduling_configs
+           SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0, updated_at = now()
+         WHERE ({when}) AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)
+    )"""

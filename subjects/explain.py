@@ -26,11 +26,12 @@ from subjects.base import (
     Group,
     Labels,
     ModelName,
+    Name,
     NodeIds,
     Paged,
+    by_name,
     page,
 )
-from subjects.nodes import Name, by_name
 from subjects.placement import (
     BACKEND,
     HEALTHY,

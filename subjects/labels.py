@@ -30,8 +30,8 @@ from subjects.base import (
     Paged,
     Request,
     page,
+    wake_scheduling,
 )
-from subjects.scheduling import wake_scheduling
 
 group = Group()
 

@@ -28,17 +28,19 @@ from subjects.base import (
     Context,
     Group,
     Labels,
+    Name,
     NodeId,
     NodeRef,
     Paged,
     Request,
+    by_name,
     found,
     page,
     record,
     records,
+    wake_scheduling,
 )
 from subjects.labels import AUTO_LABELS, check_room
-from subjects.scheduling import wake_scheduling
 
 log = logging.getLogger("registryd.nodes")
 
@@ -61,9 +63,6 @@ EXTRAS_COLUMNS = """
       WHERE l.node_id = n.id) AS labels"""
 
 
-Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")
-]
 Address = Annotated[str, StringConstraints(max_length=512)]
 NodeType = Literal["backend", "agent"]
 
@@ -515,10 +514,6 @@ LIST_WITH_EXTRAS = f"""
     SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS} FROM nodes n
      WHERE $1::text IS NULL OR n.name > $1
      ORDER BY n.name LIMIT $2"""
-
-
-def by_name(node: dict[str, Any]) -> list[Any]:
-    return [node["name"]]
 
 
 @group.op("list", ListRequest)

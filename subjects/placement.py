@@ -17,15 +17,17 @@ from subjects.base import (
     Group,
     Labels,
     ModelName,
+    Name,
     NodeId,
     NodeIds,
     Paged,
     Request,
+    by_name,
     found,
     page,
     records,
 )
-from subjects.nodes import NODE_COLUMNS, Name, by_name
+from subjects.nodes import NODE_COLUMNS
 
 group = Group()
 

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from infra.errors import NotFound
+from subjects import explain
 from subjects.base import (
     MAX_INT32,
     OK,
@@ -43,17 +44,6 @@ COLUMNS = """
     s.id, s.model_name, s.node_selector, s.min_replicas, s.max_replicas, s.route_policy,
     s.balance_abs_threshold, s.balance_rel_threshold, s.min_prefix_match,
     s.unsatisfiable_until, s.unsatisfiable_ticks, s.created_at, s.updated_at"""
-
-
-def wake_scheduling(when: str = "true") -> str:
-    """A CTE clause for every change that can add capacity (when `when` holds):
-    the reconciler's cooldown flags are cleared so it tries again next tick."""
-    return f"""
-    woken AS (
-        UPDATE scheduling_configs
-           SET unsatisfiable_until = NULL, unsatisfiable_ticks = 0, updated_at = now()
-         WHERE ({when}) AND (unsatisfiable_until IS NOT NULL OR unsatisfiable_ticks > 0)
-    )"""
 
 
 Replicas = Annotated[int, Field(ge=0, le=MAX_INT32)]
@@ -239,9 +229,6 @@ UNSATISFIABLE_MARK = """
 @group.op("unsatisfiable_mark", MarkRequest)
 async def unsatisfiable_mark(ctx: Context, req: MarkRequest) -> Any:
     """Skip scale-ups of the model until `until` (or until capacity changes)."""
-    # Imported here, not above: subjects.nodes imports this module, and
-    # explain imports placement, which imports nodes.
-    from subjects import explain
 
     why = await explain.after_mark(ctx.db, UNSATISFIABLE_MARK, req.model, req.until)
     if why is None:
