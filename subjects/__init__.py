@@ -1,10 +1,10 @@
 """Every operation of the wire contract, one module per group of endpoints."""
 
 from subjects import (
+    cluster_models,
     explain,
     intents,
     labels,
-    models,
     nodes,
     placement,
     replicas,
@@ -19,7 +19,7 @@ OPERATIONS: list[Operation] = [
     *explain.group.operations,
     *routing.group.operations,
     *replicas.group.operations,
-    *models.group.operations,
+    *cluster_models.group.operations,
     *labels.group.operations,
     *scheduling.group.operations,
     *intents.group.operations,

@@ -1,5 +1,6 @@
-"""Models across the cluster: where they are loaded, how busy, what evicts first,
-and the load information a reconciler needs to start another replica.
+"""LLM models across the cluster (not pydantic models): where they are loaded,
+how busy, what evicts first, and the load information a reconciler needs to
+start another replica.
 """
 
 from __future__ import annotations
