@@ -26,6 +26,9 @@ from daemon.app import Daemon
 from registryd import Registry, TooLarge
 from tests.support import connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 GiB = 2**30
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

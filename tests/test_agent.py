@@ -36,6 +36,9 @@ from registryd.agent import (
 )
 from tests.support import Registryd, connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 GiB = 2**30
 FAST = 0.1  # heartbeat interval of the agents in these tests
 

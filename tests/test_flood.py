@@ -30,6 +30,9 @@ from daemon.app import Daemon
 from infra.wire import ERROR_CODE_HEADER
 from tests.support import MALFORMED, Client, Registryd, connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 COUNT = 10_000
 
 

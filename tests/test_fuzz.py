@@ -16,9 +16,13 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from subjects import OPERATIONS
 from tests.support import CallError, Client
+
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
 
 BODIES_PER_ENDPOINT = int(os.environ.get("REGISTRY_FUZZ_BODIES", "200"))
 SEED = int(os.environ.get("REGISTRY_FUZZ_SEED", random.randrange(2**32)))

@@ -20,6 +20,9 @@ from daemon.app import Daemon
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, eventually, fails
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 BUFFER = 1000
 MADE_UP = 5000
 

@@ -14,6 +14,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from daemon import embedded
 from tests.support import CallError, Client, Registryd, Worker, connect, until
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 FAST_ENV = {
     "REGISTRY_DRAIN_INTERVAL": "0.3",
     "REGISTRY_BACKOFF_BASE": "0.2",

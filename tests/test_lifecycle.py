@@ -31,6 +31,9 @@ from daemon.sdnotify import Notifier
 from tests.conftest import REGISTRYD, with_database
 from tests.support import Client, Registryd, connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 T = TypeVar("T")
 
 REGISTRYD_SCRIPT = Path(sys.executable).parent / "registryd"

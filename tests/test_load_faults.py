@@ -22,11 +22,15 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, Registryd, Worker, connect, until
+
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
 
 SECONDS = float(os.environ.get("REGISTRY_LOAD_SECONDS", "60"))
 WORKERS = 1000

@@ -20,6 +20,9 @@ from daemon import logs
 from infra import retry
 from tests.support import Client, Registryd, connect, eventually, fails
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 FORGED = "2026-01-01 ERROR forged line"
 
 

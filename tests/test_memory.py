@@ -35,6 +35,9 @@ from infra.errors import Unauthorized
 from infra.wire import ERROR_CODE_HEADER
 from tests.support import Client, Registryd, connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 COUNT = 40_000
 WARM_UP = 2_000
 IN_FLIGHT = 500  # requests awaiting their reply at any time

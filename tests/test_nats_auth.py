@@ -35,6 +35,9 @@ from nats.aio.client import Client as NATS
 from daemon import embedded
 from tests.support import Client, Registryd, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------- helpers
 
 

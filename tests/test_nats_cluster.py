@@ -41,6 +41,9 @@ from daemon import embedded
 from daemon.delivery import CONSUMER
 from tests.support import CallError, Client, Registryd, Worker, connect, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 # Short intervals (as in test_intents_restart), so that waits and retries are brief.
 FAST_ENV = {
     "REGISTRY_DRAIN_INTERVAL": "0.3",

@@ -23,6 +23,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from daemon import embedded
 from tests.support import CallError, Client, Registryd, eventually
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 STREAM = "REGISTRY_BACKEND_OPS"
 CONSUMER = "registryd-delivery"
 CONF = Path(__file__).resolve().parent.parent / "systemd" / "nats-server.conf"

@@ -15,6 +15,9 @@ from daemon.app import Daemon
 from tests.conftest import through
 from tests.support import CallError, Client, Proxy, connect, until
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 async def test_a_heartbeat_published_during_an_outage_is_applied_after_it(
     start_daemon: Callable[..., Awaitable[Daemon]],

@@ -32,6 +32,9 @@ from infra import config
 from tests.conftest import through
 from tests.support import Client, Proxy, connect
 
+# A slow test: real processes, faults or load (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "registryd.service"
 ENV_FILE = SYSTEMD_DIR / "registryd.env"
