@@ -42,6 +42,7 @@ from daemon.turns import Turns, Work
 from infra import wire
 from infra.errors import (
     BadRequest,
+    Internal,
     RegistryError,
     TooLarge,
     Unauthorized,
@@ -285,7 +286,7 @@ class RegistryEndpoint:
             exc_info=exc,
             extra={"request_id": request_id, "operation": self._op.name},
         )
-        return RegistryError(f"internal error (request id {request_id})")
+        return Internal(f"internal error (request id {request_id})")
 
     def _failed(self, err: RegistryError) -> tuple[bytes, dict[str, str]]:
         self.stats.error(err)

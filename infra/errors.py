@@ -16,22 +16,35 @@ import nats.js.errors
 
 
 class RegistryError(Exception):
+    """An error of the contract's table: its code, status and message. The
+    daemon raises them and maps them to the reply once, at its edge; the
+    client (registryd.errors) raises the same classes from an error reply."""
+
     code: int = 500
     status: str = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status}: {self.message}"
 
 
 class BadRequest(RegistryError):
+    """400: the body is not a JSON object, or a field is invalid or missing."""
+
     code, status = 400, "bad_request"
 
 
 class Unauthorized(RegistryError):
+    """401: the registration token (or the node key) is missing or wrong."""
+
     code, status = 401, "unauthorized"
 
-    def __init__(self, message: str, *, who: str, why: str) -> None:
+    def __init__(self, message: str, *, who: str = "", why: str = "") -> None:
         # `who` and `why` go to the operator's log, never to the caller: who
         # the request claimed to be, and what exactly was wrong.
         super().__init__(message)
@@ -40,18 +53,32 @@ class Unauthorized(RegistryError):
 
 
 class NotFound(RegistryError):
+    """404: the node, replica, config, lease or intent does not exist."""
+
     code, status = 404, "not_found"
 
 
 class Conflict(RegistryError):
+    """409: not enough free VRAM, no free slot, or the node's status forbids it."""
+
     code, status = 409, "conflict"
 
 
 class TooLarge(RegistryError):
+    """413: the request body, or an unpaged reply, is too large."""
+
     code, status = 413, "too_large"
 
 
+class Internal(RegistryError):
+    """500: anything else; the message carries a request id the daemon logged."""
+
+    code, status = 500, "internal"
+
+
 class Unavailable(RegistryError):
+    """503: PostgreSQL or JetStream unreachable, or the daemon overloaded: retry later."""
+
     code, status = 503, "unavailable"
 
 

@@ -1,4 +1,5 @@
-"""One exception class per error code of the contract, as a client sees them.
+"""One exception class per error code of the contract, as a client sees them:
+the daemon's own classes (infra/errors.py), so both sides speak one table.
 
 An error reply carries `Nats-Service-Error-Code` and `Nats-Service-Error`
 headers and a JSON body `{"error": {code, status, message}}`; `from_reply`
@@ -13,65 +14,32 @@ from typing import Any
 
 import orjson
 
+from infra.errors import (
+    BadRequest,
+    Conflict,
+    Internal,
+    NotFound,
+    RegistryError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from infra.wire import ERROR_CODE_HEADER, ERROR_HEADER
 
-
-class RegistryError(Exception):
-    """An error reply of the registry (or its absence, for Unavailable)."""
-
-    code: int = 500
-    status: str = "internal"
-
-    def __init__(self, message: str, *, code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.status}: {self.message}"
-
-
-class BadRequest(RegistryError):
-    """400: the body is not a JSON object, or a field is invalid or missing."""
-
-    code, status = 400, "bad_request"
-
-
-class Unauthorized(RegistryError):
-    """401: the registration token (or the node key) is missing or wrong."""
-
-    code, status = 401, "unauthorized"
-
-
-class NotFound(RegistryError):
-    """404: the node, replica, config, lease or intent does not exist."""
-
-    code, status = 404, "not_found"
-
-
-class Conflict(RegistryError):
-    """409: not enough free VRAM, no free slot, or the node's status forbids it."""
-
-    code, status = 409, "conflict"
-
-
-class TooLarge(RegistryError):
-    """413: the request body, or an unpaged reply, is too large."""
-
-    code, status = 413, "too_large"
-
-
-class Internal(RegistryError):
-    """500: anything else; the message carries a request id the daemon logged."""
-
-    code, status = 500, "internal"
-
-
-class Unavailable(RegistryError):
-    """503: PostgreSQL or JetStream unreachable, or the daemon overloaded: retry later."""
-
-    code, status = 503, "unavailable"
+__all__ = [
+    "BY_CODE",
+    "BadRequest",
+    "Conflict",
+    "Internal",
+    "NoResponders",
+    "NotFound",
+    "RegistryError",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "from_reply",
+]
 
 
 class NoResponders(Unavailable):
