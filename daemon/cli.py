@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -191,56 +189,12 @@ async def migrate(settings: config.Settings) -> int:
     return 0
 
 
-class Unanswered(Exception):
-    """A request that got no reply: NATS unreachable, nobody serving, or too slow."""
-
-
-@contextlib.asynccontextmanager
-async def connection(settings: config.Settings, explicit: dict[str, Any]) -> AsyncIterator[NATS]:
-    """A NATS connection for one command (`call`, `why`), with the daemon's settings."""
-    import nats
-
-    from daemon.embedded import running_nats_url
-    from infra.config import nats_options
-
-    # With no NATS URL given, a daemon started with --embedded from this
-    # directory is the one the user means.
-    if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
-        url = running_nats_url(settings.state_dir)
-        if url:
-            settings = settings.model_copy(update={"nats_url": url})
-    last_error: list[Exception] = []
-
-    async def connect_error(exc: Exception) -> None:
-        # nats-py's default prints a traceback for every failed attempt.
-        last_error[:] = [exc]
-
-    try:
-        # allow_reconnect=False does not bound the first connect: nats-py
-        # retries each server max_reconnect_attempts times (60, 2 s apart, by
-        # default) before it gives up. Two tries per server, then the error.
-        nc = await nats.connect(
-            **nats_options(settings),
-            allow_reconnect=False,
-            connect_timeout=5,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.5,
-            error_cb=connect_error,
-        )
-    except Exception as exc:
-        reason = last_error[0] if last_error else exc
-        detail = str(reason) or type(reason).__name__
-        raise Unanswered(f"cannot reach NATS at {settings.nats_url}: {detail}") from None
-    try:
-        yield nc
-    finally:
-        await nc.close()
-
-
 async def ask(nc: NATS, subject: str, body: bytes, wait_s: float) -> Msg:
     """One request's reply (an error reply too: see `error_reply`)."""
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
+
+    from daemon.commands import Unanswered
 
     try:
         return await nc.request(subject, body, timeout=wait_s)
@@ -252,7 +206,6 @@ async def ask(nc: NATS, subject: str, body: bytes, wait_s: float) -> Msg:
 
 def error_reply(reply: Msg) -> bool:
     """Whether the reply is an error; if so, it is printed to stderr."""
-
     headers = reply.headers or {}
     if ERROR_CODE_HEADER not in headers:
         return False
@@ -263,6 +216,8 @@ def error_reply(reply: Msg) -> bool:
 async def call(
     settings: config.Settings, op: str, body: str, wait_s: float, *, explicit: dict[str, Any]
 ) -> int:
+    from daemon.commands import Unanswered, connection
+
     if body == "-":
         body = sys.stdin.read()
     try:
@@ -298,6 +253,8 @@ async def why(
     as_json: bool,
     explicit: dict[str, Any],
 ) -> int:
+    from daemon.commands import Unanswered, connection
+
     body: dict[str, Any] = {"model": model, "limit": WHY_PAGE}
     if min_bytes is not None:
         body["min_bytes"] = min_bytes

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import nats
 import nats.errors
+from nats.aio.client import Client as NATS
 
 from daemon import logs
-from infra.config import Settings
+from infra.config import Settings, nats_options
 from registryd import admin
 from registryd.admin import STATUSES
 from registryd.agent import (
@@ -209,10 +212,17 @@ async def admin_main(
 ) -> int:
     out = sys.stdout
     try:
-        registry = await _connect_once(settings, explicit, args.timeout)
-    except _Unreachable as exc:
+        async with connection(settings, dict(explicit)) as nc:
+            registry = Registry(nc, settings.subject_prefix, timeout=args.timeout)
+            return await _admin(command, args, registry, settings, out)
+    except Unanswered as exc:
         print(f"registryd: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+async def _admin(
+    command: str, args: argparse.Namespace, registry: Registry, settings: Settings, out: Any
+) -> int:
     try:
         if command == "nodes":
             return await admin.nodes(
@@ -237,20 +247,21 @@ async def admin_main(
     except RegistryError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        await registry.close()
 
 
-class _Unreachable(Exception):
-    pass
+class Unanswered(Exception):
+    """A request that got no reply: NATS unreachable, nobody serving, or too slow."""
 
 
-async def _connect_once(settings: Settings, explicit: Mapping[str, Any], wait_s: float) -> Registry:
-    """A connection for one command, as `registryd call` makes it: no
-    reconnecting, two tries per server, and a daemon started with --embedded
+@contextlib.asynccontextmanager
+async def connection(settings: Settings, explicit: dict[str, Any]) -> AsyncIterator[NATS]:
+    """A NATS connection for one command (`call`, `why`), with the daemon's settings:
+    no reconnecting, two tries per server, and a daemon started with --embedded
     from this directory when no NATS URL is given."""
     from daemon.embedded import running_nats_url
 
+    # With no NATS URL given, a daemon started with --embedded from this
+    # directory is the one the user means.
     if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
         url = running_nats_url(settings.state_dir)
         if url:
@@ -258,23 +269,29 @@ async def _connect_once(settings: Settings, explicit: Mapping[str, Any], wait_s:
     last_error: list[Exception] = []
 
     async def connect_error(exc: Exception) -> None:
-        last_error[:] = [exc]  # nats-py's default prints a traceback per attempt
+        # nats-py's default prints a traceback for every failed attempt.
+        last_error[:] = [exc]
 
     try:
-        return await Registry.connect(
-            settings,
-            request_timeout=wait_s,
-            name="registryd admin",
+        # allow_reconnect=False does not bound the first connect: nats-py
+        # retries each server max_reconnect_attempts times (60, 2 s apart, by
+        # default) before it gives up. Two tries per server, then the error.
+        nc = await nats.connect(
+            **nats_options(settings),
             allow_reconnect=False,
             connect_timeout=5,
             max_reconnect_attempts=1,
             reconnect_time_wait=0.5,
             error_cb=connect_error,
         )
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
+    except Exception as exc:
         reason = last_error[0] if last_error else exc
         detail = str(reason) or type(reason).__name__
-        raise _Unreachable(f"cannot reach NATS at {settings.nats_url}: {detail}") from None
+        raise Unanswered(f"cannot reach NATS at {settings.nats_url}: {detail}") from None
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 # ---------------------------------------------------------------- registryd agent
