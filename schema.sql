@@ -2,7 +2,8 @@
 --
 -- Applied at every start-up inside one transaction that holds an advisory
 -- lock (infra/db.py), so it must stay idempotent: IF NOT EXISTS everywhere,
--- and later columns as ALTER TABLE … ADD COLUMN IF NOT EXISTS below the table.
+-- and later columns added below the table, each guarded by a look at the
+-- catalog so that an instance restarting never locks a table that others use.
 -- Every timestamp defaults to the database clock, never the daemon host's.
 --
 -- Byte counts are bigint: the wire allows 0 ≤ n ≤ 2^63−1, which is exactly
@@ -62,7 +63,17 @@ END $$;
 
 -- A worker's own key (v1.2, node identity): SHA-256 (hex) of the node_key the
 -- name was first registered with; '' while none is bound. Never returned.
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS node_key_hash text NOT NULL DEFAULT '';
+-- Guarded rather than ADD COLUMN IF NOT EXISTS, which takes the table's
+-- exclusive lock even when the column is there: a daemon restarting beside
+-- others that serve would then deadlock with their writes.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema()
+                      AND table_name = 'nodes' AND column_name = 'node_key_hash') THEN
+        ALTER TABLE nodes ADD COLUMN node_key_hash text NOT NULL DEFAULT '';
+    END IF;
+END $$;
 
 -- The two rules of the node state machine (subjects/node_status.py) that no
 -- statement may break, whoever writes it: a node never approved is never

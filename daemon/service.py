@@ -58,6 +58,9 @@ log = logging.getLogger("registryd.service")
 SERVICE_NAME = "registry"
 QUEUE_GROUP = "registry"
 PENDING_MSGS = 100_000  # per endpoint, read from NATS and not yet dispatched
+# Bytes of requests waiting in one endpoint's queue past which more are
+# refused (503) unread: a burst of large bodies is shed, not buffered.
+SHED_BYTES = 32 * 1024 * 1024
 
 
 class Refusals:
@@ -225,6 +228,14 @@ class RegistryEndpoint:
             await self._subscription.drain()
 
     async def _dispatch(self, msg: Msg) -> None:
+        sub = self._subscription
+        if msg.reply and sub is not None and sub.pending_bytes > SHED_BYTES:
+            # Bodies read faster than we check them are piling up: answer
+            # 503 without reading them, so that nats-py keeps reading the
+            # socket and nats-server never cuts this connection off.
+            if self._replies.allowed(msg.reply):
+                await self.overloaded(msg)
+            return
         if msg.reply and not self._replies.allowed(msg.reply):
             # Not an inbox: answering would publish there with our rights.
             self.stats.num_requests += 1

@@ -34,10 +34,23 @@ def schema_sql() -> str:
 
 
 async def migrate(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql; instances starting together queue on the advisory lock."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-        await conn.execute(schema_sql())
+    """Apply schema.sql; instances starting together queue on the advisory lock.
+
+    A change of the schema (a new column, once) locks a table that instances
+    already serving write to, and PostgreSQL may pick this transaction as the
+    victim of a deadlock with one of their requests: nothing of it happened
+    then, so it is applied again."""
+    for attempt in range(1, DEADLOCK_RETRIES + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+                await conn.execute(schema_sql())
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == DEADLOCK_RETRIES:
+                raise
+            log.warning("schema change lost a deadlock with a request; applying it again")
+            await asyncio.sleep(0.1 * attempt)
 
 
 class Database:
