@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 
 from daemon import __version__
 from daemon.delivery import Delivery
+from daemon.nats_reads import enlarge_reads
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService
 from daemon.sweep import Sweep
@@ -279,6 +280,8 @@ async def connect_nats(s: Settings, purpose: str = "") -> NATS:
         log.info("%s connection closed", which)
 
     nc: NATS
+
+    enlarge_reads()
 
     async def attempt() -> NATS:
         nonlocal nc

@@ -13,8 +13,9 @@ held up behind a queue of checks either.
 
 Bounds: `limit` handler tasks at once; `per_requester` of them for any one
 requester (the rest of its requests wait for its next turn); `backlog` requests
-waiting in all, past which a request is refused at once with 503 rather than
-held without end.
+waiting in all, `backlog_bytes` of bodies waiting from one requester and four
+times that from all, past which a request is refused at once with 503, unread,
+rather than held without end.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
+from daemon.nats_reads import READ_CHUNK
+
 log = logging.getLogger("registryd.turns")
 
 SLICE = 0.0005  # seconds of checking between two chances for others to run
-READ_CHUNK = 32 * 1024  # what nats-py's reader takes from the socket per turn of the loop
 
 Work = Callable[[], Coroutine[Any, Any, None]]
 
@@ -51,7 +53,13 @@ def requester_of(msg: Msg) -> str:
 
 
 class Turns:
-    def __init__(self, limit: int, per_requester: int, backlog: int = 100_000) -> None:
+    def __init__(
+        self,
+        limit: int,
+        per_requester: int,
+        backlog: int = 100_000,
+        backlog_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
         self._limit = limit
         self._per_requester = per_requester
         self._backlog = backlog
@@ -61,6 +69,9 @@ class Turns:
         # at most `backlog` and `limit` of them.
         self._waiting: dict[str, deque[tuple[Endpoint, Msg]]] = {}
         self._waiting_count = 0
+        self._waiting_bytes = 0
+        self._bytes_of: dict[str, int] = {}  # waiting bytes per requester (those waiting)
+        self._backlog_bytes = backlog_bytes
         self._running: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -77,11 +88,22 @@ class Turns:
             await asyncio.gather(self._loop, return_exceptions=True)
 
     async def submit(self, endpoint: Endpoint, msg: Msg) -> None:
-        if self._waiting_count >= self._backlog:
+        requester = requester_of(msg)
+        size = len(msg.data)
+        if (
+            self._waiting_count >= self._backlog
+            or self._waiting_bytes + size > 4 * self._backlog_bytes
+            or self._bytes_of.get(requester, 0) + size > self._backlog_bytes
+        ):
+            # Refused unread: a flood of requests, or of large ones, costs us
+            # a small reply each and never holds up reading the socket. One
+            # requester's large bodies are refused before anyone else's.
             await endpoint.overloaded(msg)
             return
-        self._waiting.setdefault(requester_of(msg), deque()).append((endpoint, msg))
+        self._waiting.setdefault(requester, deque()).append((endpoint, msg))
         self._waiting_count += 1
+        self._waiting_bytes += size
+        self._bytes_of[requester] = self._bytes_of.get(requester, 0) + size
         self._idle.clear()
         self._wake.set()
 
@@ -103,6 +125,10 @@ class Turns:
         queue = self._waiting[requester]
         endpoint, msg = queue.popleft()
         self._waiting_count -= 1
+        self._waiting_bytes -= len(msg.data)
+        left = self._bytes_of.pop(requester) - len(msg.data)
+        if left:
+            self._bytes_of[requester] = left
         del self._waiting[requester]
         if queue:
             self._waiting[requester] = queue
