@@ -107,6 +107,8 @@ class Node:
     # after a status operation that left the status as it was (whether that
     # counts as a change is the daemon's to say).
     beat_since_change: bool | None = False
+    # The node_key bound to its name (v1.2); None: none bound.
+    key: str | None = None
 
 
 @dataclass
@@ -304,6 +306,8 @@ ATTACKS = (
 )
 # What admins and workers do to a node; "silence" is a worker that stopped
 # heartbeating an hour ago.
+# A worker's own key, another worker's, or none (a LocalAI worker).
+KEYS = (None, "k" * 20 + "-worker-a", "k" * 20 + "-worker-b")
 LIFECYCLE = (
     "register",
     "offline",
@@ -372,18 +376,32 @@ class RegistryMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ operations
 
     async def register(
-        self, name: str, labels: dict[str, str] | None = None, max_replicas: int | None = None
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        max_replicas: int | None = None,
+        key: str | None = None,
     ) -> None:
         body: dict[str, Any] = {"name": name, "address": f"{name}.local:50051"}
         if labels is not None:
             body["labels"] = labels
         if max_replicas is not None:
             body["max_replicas_per_model"] = max_replicas
-        reply = await self.call("register", body)
+        if key is not None:
+            body["node_key"] = key
         node = self.model.nodes.get(name)
+        if node is not None and node.key is not None and key != node.key:
+            # Whoever registers a keyed name without its key changes nothing:
+            # the invariants after this step check that nothing moved.
+            await rejected(self.call("register", body), 401)
+            return
+        reply = await self.call("register", body)
+        if node is not None and node.key is None:
+            node.key = key  # the first registration that carries a key binds it
         if node is None:
             assert reply["id"] not in self.known, "a new node got an old node's id"
             node = Node(reply["id"], name, "pending", False, dict(labels or {}), max_replicas or 1)
+            node.key = key
             self.model.nodes[name] = node
             self.known.add(node.id)
             self.required.append(Event(node.id, name, "pending", None))
@@ -402,6 +420,15 @@ class RegistryMachine(RuleBasedStateMachine):
             f"register {name}: the reply says {reply['status']}, the model {node.status} "
             f"(approved: {node.approved})"
         )
+
+    async def reset_key(self, name: str) -> None:
+        node = self.model.nodes.get(name)
+        body = {"node_id": self.model.id_for(name)}
+        if node is None:
+            await rejected(self.call("node_key_reset", body), 404)
+            return
+        assert await self.call("node_key_reset", body) == {}
+        node.key = None
 
     async def approve(self, name: str) -> None:
         node = self.model.nodes.get(name)
@@ -844,11 +871,20 @@ class RegistryMachine(RuleBasedStateMachine):
         name=names,
         labels=labels,
         max_replicas=st.none() | st.integers(1, 2),
+        key=st.sampled_from(KEYS),
     )
     def register_node(
-        self, name: str, labels: dict[str, str] | None, max_replicas: int | None
+        self,
+        name: str,
+        labels: dict[str, str] | None,
+        max_replicas: int | None,
+        key: str | None,
     ) -> None:
-        self.run(self.register(name, labels, max_replicas))
+        self.run(self.register(name, labels, max_replicas, key))
+
+    @rule(name=names)
+    def reset_node_key(self, name: str) -> None:
+        self.run(self.reset_key(name))
 
     # A node's life, one rule for all of it rather than one per operation:
     # Hypothesis turns a random subset of the rules off in each example
