@@ -304,10 +304,10 @@ ATTACKS = (
     "heartbeat->stream.delete",
     "heartbeat->stream.purge",
 )
-# What admins and workers do to a node; "silence" is a worker that stopped
-# heartbeating an hour ago.
 # A worker's own key, another worker's, or none (a LocalAI worker).
 KEYS = (None, "k" * 20 + "-worker-a", "k" * 20 + "-worker-b")
+# What admins and workers do to a node; "silence" is a worker that stopped
+# heartbeating an hour ago.
 LIFECYCLE = (
     "register",
     "offline",
