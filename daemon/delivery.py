@@ -101,7 +101,10 @@ class Delivery:
                 msgs = await self._subscription.fetch(
                     batch=CONCURRENCY, timeout=min(self._s.drain_interval, 5.0)
                 )
-            except RequestTimeout:
+            except TimeoutError:
+                # Nothing due. nats-py raises its own TimeoutError or, for a
+                # batch whose deadline passes inside the fetch, the built-in
+                # one (which its own subclasses): both mean the same.
                 msgs = []
             except asyncio.CancelledError:
                 raise
