@@ -103,7 +103,8 @@ class Turns:
         self._waiting.setdefault(requester, deque()).append((endpoint, msg))
         self._waiting_count += 1
         self._waiting_bytes += size
-        self._bytes_of[requester] = self._bytes_of.get(requester, 0) + size
+        if size:
+            self._bytes_of[requester] = self._bytes_of.get(requester, 0) + size
         self._idle.clear()
         self._wake.set()
 
@@ -126,8 +127,8 @@ class Turns:
         endpoint, msg = queue.popleft()
         self._waiting_count -= 1
         self._waiting_bytes -= len(msg.data)
-        left = self._bytes_of.pop(requester) - len(msg.data)
-        if left:
+        left = self._bytes_of.pop(requester, 0) - len(msg.data)
+        if left > 0:
             self._bytes_of[requester] = left
         del self._waiting[requester]
         if queue:
