@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from daemon import embedded
-from tests.support import CallError, Client, Registryd, Worker, connect, until
+from tests.support import CallError, Client, Registryd, Worker, connect, eventually, until
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -139,7 +140,14 @@ async def test_two_daemons_one_killed_mid_queue_deliver_every_intent(
     one.send(signal.SIGKILL)
     assert await one.exit_code() == -signal.SIGKILL
     worker = await Worker(client_of, node["id"]).start()
-    await client_of.call("approve", node_id=node["id"])
+
+    async def approved() -> Any:
+        try:
+            return await client_of.call("approve", node_id=node["id"])
+        except NoRespondersError:
+            return None  # the surviving daemon may still be starting
+
+    await eventually(approved, "the surviving daemon to approve the node")
     await until(lambda: _empty(client_of), timeout=60)
     delivered = sorted(r[1]["backend"] for r in worker.requests)
     assert delivered == sorted(f"b{b}" for b in range(20))
