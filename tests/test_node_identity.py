@@ -210,3 +210,18 @@ async def test_a_worker_user_can_act_only_on_its_own_node(
     finally:
         for c in (admin, a, b):
             await c.nc.close()
+
+
+async def test_a_key_reset_is_not_a_status_change_for_the_sweep(
+    client: Client, daemon: Daemon, pg: asyncpg.Connection
+) -> None:
+    # Found by the long model-based run: offline, a heartbeat since, then an
+    # admin's node_key_reset; the sweep must still revive the node.
+    node = await client.healthy_node("gpu-b", node_key=KEY_B)
+    await client.call("offline", node_id=node["id"])
+    await pg.execute("UPDATE nodes SET updated_at = now() - interval '1 minute'")
+    assert await client.call(f"heartbeat.{node['id']}") == {}
+    assert await client.call("node_key_reset", node_id=node["id"]) == {}
+    assert daemon.sweep is not None
+    await daemon.sweep.sweep_nodes()
+    assert (await client.call("get", node_id=node["id"]))["status"] == "healthy"
