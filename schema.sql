@@ -75,6 +75,19 @@ BEGIN
     END IF;
 END $$;
 
+-- When the node's status was last set by the state machine (v1.3 fix): the
+-- sweep revives an unhealthy or offline node only on a heartbeat newer than
+-- this. It was updated_at, which every admin edit (auth_refs, max_replicas,
+-- node_key_reset) also moves, so an edit held a node down one more beat.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema()
+                      AND table_name = 'nodes' AND column_name = 'status_since') THEN
+        ALTER TABLE nodes ADD COLUMN status_since timestamptz NOT NULL DEFAULT now();
+    END IF;
+END $$;
+
 -- The two rules of the node state machine (subjects/node_status.py) that no
 -- statement may break, whoever writes it: a node never approved is never
 -- healthy, and approval is never taken back (only deregistration ends it).

@@ -126,7 +126,7 @@ async def clear_replicas(conn: asyncpg.Connection, node_ids: list[str]) -> dict[
 # `registering`, the column's default, and writes no status: this does.
 REGISTERED = """
     UPDATE nodes SET status = CASE WHEN approved OR $2 THEN 'healthy' ELSE 'pending' END,
-                     approved = approved OR $2
+                     approved = approved OR $2, status_since = now()
      WHERE id = $1
     RETURNING name, status"""
 
@@ -154,12 +154,12 @@ async def registered(
 # $2 the target, $3 the statuses it may come from, $4 whether approval is
 # needed. The old row is read under its lock, so the reply can tell "not
 # found" from "not allowed", and the change is made only when allowed.
-# updated_at moves even when the status stays: the sweep revives a node only
-# on a heartbeat newer than its last change.
+# status_since moves even when the status stays: the sweep revives a node only
+# on a heartbeat newer than its last status operation.
 APPLY = """
     WITH old AS (SELECT id, name, status, approved FROM nodes WHERE id = $1 FOR UPDATE),
     up AS (
-        UPDATE nodes n SET status = $2, updated_at = now()
+        UPDATE nodes n SET status = $2, status_since = now(), updated_at = now()
           FROM old
          WHERE n.id = old.id AND old.status = ANY($3::text[]) AND (old.approved OR NOT $4)
         RETURNING n.id
@@ -196,7 +196,8 @@ def approve_statement(columns: str, then: str) -> str:
     return f"""
     WITH old AS (SELECT id, status FROM nodes WHERE id = $1 FOR UPDATE),
     up AS (
-        UPDATE nodes n SET status = 'healthy', approved = true, updated_at = now()
+        UPDATE nodes n SET status = 'healthy', approved = true, status_since = now(),
+                           updated_at = now()
           FROM old WHERE n.id = old.id AND old.status = ANY($2::text[])
         RETURNING n.*
     ),
@@ -256,7 +257,7 @@ def auth_refs_of(row: Any) -> dict[str, str] | None:
 # $3 the statuses "heartbeat resumed" revives. The nodes are locked first and
 # the condition is checked again on the row as it is once locked, so a
 # heartbeat or a status change that commits meanwhile wins. "Heartbeated since
-# its last change" is last_heartbeat > updated_at: a node just marked offline
+# its last change" is last_heartbeat > status_since: a node just marked offline
 # or unhealthy by hand does not come straight back on the heartbeat it sent
 # before; the next one revives it. A node never approved is never revived.
 SWEEP = """
@@ -266,13 +267,13 @@ SWEEP = """
                 AND last_heartbeat < now() - make_interval(secs => $1))
             OR (status = ANY($3::text[]) AND approved
                 AND last_heartbeat > now() - make_interval(secs => $1)
-                AND last_heartbeat > updated_at)
+                AND last_heartbeat > status_since)
          ORDER BY id
            FOR UPDATE
     )
     UPDATE nodes n
        SET status = CASE WHEN due.status = 'healthy' THEN $2 ELSE 'healthy' END,
-           updated_at = now()
+           status_since = now(), updated_at = now()
       FROM due WHERE n.id = due.id
     RETURNING n.id, n.name, n.status, due.status AS previous_status,
               extract(epoch FROM now() - n.last_heartbeat)::float8 AS silent_s"""
@@ -306,7 +307,7 @@ async def sweep(conn: asyncpg.Connection, stale_after: float, auto_offline: bool
 # ---------------------------------------------------------------- delivery
 
 MARK_NO_WORKER = """
-    UPDATE nodes SET status = $2, updated_at = now()
+    UPDATE nodes SET status = $2, status_since = now(), updated_at = now()
      WHERE id = $1 AND status = ANY($3::text[])
     RETURNING name"""
 

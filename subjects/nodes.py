@@ -341,7 +341,7 @@ async def deregister(ctx: Context, req: NodeRef) -> Any:
 
 
 RESET_NODE_KEY = """
-    UPDATE nodes SET node_key_hash = '' WHERE id = $1 RETURNING name"""
+    UPDATE nodes SET node_key_hash = '', updated_at = now() WHERE id = $1 RETURNING name"""
 
 
 @group.op("node_key_reset", NodeRef)

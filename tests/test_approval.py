@@ -37,7 +37,7 @@ async def test_the_sweep_does_not_revive_a_node_never_approved(
     await client.call("offline", node_id=node["id"])
     # A fresh heartbeat after the change: an approved node would be revived.
     await pg.execute(
-        "UPDATE nodes SET updated_at = now() - interval '1 minute', last_heartbeat = now()"
+        "UPDATE nodes SET status_since = now() - interval '1 minute', last_heartbeat = now()"
     )
     assert daemon.sweep is not None
     await daemon.sweep.sweep_nodes()
@@ -54,7 +54,7 @@ async def test_an_approved_node_keeps_its_approval_until_deregistered(
         assert (await client.register("w"))["status"] == "healthy"
     await client.call("offline", node_id=node["id"])
     await pg.execute(
-        "UPDATE nodes SET updated_at = now() - interval '1 minute', last_heartbeat = now()"
+        "UPDATE nodes SET status_since = now() - interval '1 minute', last_heartbeat = now()"
     )
     assert daemon.sweep is not None
     await daemon.sweep.sweep_nodes()

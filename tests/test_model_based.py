@@ -102,13 +102,15 @@ class Node:
     max_replicas: int
     # The last heartbeat is within stale_after.
     fresh: bool = True
-    # It heartbeated since its last change (last_heartbeat > updated_at), what
+    # It heartbeated since its last change (last_heartbeat > status_since), what
     # the sweep needs to revive an unhealthy or offline node. None: either,
     # after a status operation that left the status as it was (whether that
     # counts as a change is the daemon's to say).
     beat_since_change: bool | None = False
     # The node_key bound to its name (v1.2); None: none bound.
     key: str | None = None
+    # An admin set max_replicas: re-registration leaves the cap alone.
+    cap_by_admin: bool = False
 
 
 @dataclass
@@ -413,7 +415,8 @@ class RegistryMachine(RuleBasedStateMachine):
             previous = node.status
             node.status = "healthy" if node.approved else "pending"
             node.labels.update(labels or {})
-            node.max_replicas = max_replicas or node.max_replicas
+            if not node.cap_by_admin:
+                node.max_replicas = max_replicas or node.max_replicas
             node.fresh, node.beat_since_change = True, False
             self.required.append(Event(node.id, name, node.status, previous))
         assert reply["status"] == node.status, (
@@ -421,14 +424,23 @@ class RegistryMachine(RuleBasedStateMachine):
             f"(approved: {node.approved})"
         )
 
-    async def reset_key(self, name: str) -> None:
+    async def admin_edit(self, kind: str, name: str, cap: int) -> None:
+        """An admin's edit of a node that is not a status change: the sweep
+        must see none (it once held a node down after node_key_reset)."""
         node = self.model.nodes.get(name)
-        body = {"node_id": self.model.id_for(name)}
+        body: dict[str, Any] = {"node_id": self.model.id_for(name)}
+        if kind == "auth_refs":
+            body |= {"auth_user_id": f"user-{name}", "api_key_id": f"key-{name}"}
+        elif kind == "max_replicas":
+            body["max_replicas_per_model"] = cap
         if node is None:
-            await rejected(self.call("node_key_reset", body), 404)
+            await rejected(self.call(kind, body), 404)
             return
-        assert await self.call("node_key_reset", body) == {}
-        node.key = None
+        await self.call(kind, body)
+        if kind == "node_key_reset":
+            node.key = None
+        elif kind == "max_replicas":
+            node.max_replicas, node.cap_by_admin = cap, True
 
     async def approve(self, name: str) -> None:
         node = self.model.nodes.get(name)
@@ -882,9 +894,13 @@ class RegistryMachine(RuleBasedStateMachine):
     ) -> None:
         self.run(self.register(name, labels, max_replicas, key))
 
-    @rule(name=names)
-    def reset_node_key(self, name: str) -> None:
-        self.run(self.reset_key(name))
+    @rule(
+        kind=st.sampled_from(["node_key_reset", "auth_refs", "max_replicas"]),
+        name=names,
+        cap=st.integers(1, 2),
+    )
+    def edit_node(self, kind: str, name: str, cap: int) -> None:
+        self.run(self.admin_edit(kind, name, cap))
 
     # A node's life, one rule for all of it rather than one per operation:
     # Hypothesis turns a random subset of the rules off in each example

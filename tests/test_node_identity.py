@@ -212,16 +212,25 @@ async def test_a_worker_user_can_act_only_on_its_own_node(
             await c.nc.close()
 
 
-async def test_a_key_reset_is_not_a_status_change_for_the_sweep(
-    client: Client, daemon: Daemon, pg: asyncpg.Connection
+@pytest.mark.parametrize(
+    ("edit", "fields"),
+    [
+        ("node_key_reset", {}),
+        ("auth_refs", {"auth_user_id": "u-1", "api_key_id": "k-1"}),
+        ("max_replicas", {"max_replicas_per_model": 3}),
+    ],
+)
+async def test_an_admin_edit_is_not_a_status_change_for_the_sweep(
+    client: Client, daemon: Daemon, pg: asyncpg.Connection, edit: str, fields: dict
 ) -> None:
-    # Found by the long model-based run: offline, a heartbeat since, then an
-    # admin's node_key_reset; the sweep must still revive the node.
+    # Found by the long model-based run for node_key_reset: offline, a
+    # heartbeat since, then an admin's edit; the sweep must still revive the
+    # node on that heartbeat, not wait for the next one.
     node = await client.healthy_node("gpu-b", node_key=KEY_B)
     await client.call("offline", node_id=node["id"])
-    await pg.execute("UPDATE nodes SET updated_at = now() - interval '1 minute'")
+    await pg.execute("UPDATE nodes SET status_since = now() - interval '1 minute'")
     assert await client.call(f"heartbeat.{node['id']}") == {}
-    assert await client.call("node_key_reset", node_id=node["id"]) == {}
+    await client.call(edit, node_id=node["id"], **fields)
     assert daemon.sweep is not None
     await daemon.sweep.sweep_nodes()
     assert (await client.call("get", node_id=node["id"]))["status"] == "healthy"
