@@ -451,9 +451,7 @@ async def test_paging_through_intents(client: Client) -> None:
     for b in "dcba":
         await client.call("backend_op", node_id=node["id"], backend=b, op="install")
     first, headers = await client.call_with_headers("backend_ops", limit=3)
-    rest, more = await client.call_with_headers(
-        "backend_ops", limit=3, after=headers[NEXT_HEADER]
-    )
+    rest, more = await client.call_with_headers("backend_ops", limit=3, after=headers[NEXT_HEADER])
     assert [i["backend"] for i in first + rest] == ["a", "b", "c", "d"]
     assert NEXT_HEADER not in more
 
