@@ -1,7 +1,8 @@
 -- registryd schema: the whole current shape of the registry.
 --
--- Applied at every start-up inside one transaction that holds an advisory
--- lock (infra/db.py), so it must stay idempotent: IF NOT EXISTS everywhere,
+-- Applied at start-up inside one transaction that holds an advisory lock
+-- (infra/db.py), unless registry_schema says this very text was applied last.
+-- It must stay idempotent all the same: IF NOT EXISTS everywhere,
 -- and later columns added below the table, each guarded by a look at the
 -- catalog so that an instance restarting never locks a table that others use.
 -- Every timestamp defaults to the database clock, never the daemon host's.
@@ -202,3 +203,11 @@ CREATE TABLE IF NOT EXISTS leases (
 -- The expiry sweep reads by expiry time; the cascade from replicas by replica.
 CREATE INDEX IF NOT EXISTS leases_expires_at_idx ON leases (expires_at);
 CREATE INDEX IF NOT EXISTS leases_replica_id_idx ON leases (replica_id);
+
+-- The digest (SHA-256) of the text of this file as last applied: a start-up
+-- that finds its own digest here applies nothing (infra/db.py).
+CREATE TABLE IF NOT EXISTS registry_schema (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    digest      text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
