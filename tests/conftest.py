@@ -24,7 +24,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
+import nats.js.errors
 import pytest
+from nats.aio.client import Client as NATS
 
 from daemon import embedded
 from daemon.app import Daemon
@@ -221,8 +223,31 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+class Streams:
+    """Deletes the JetStream streams of a test's daemons once it is over, so
+    a run leaves nothing behind on a nats-server that outlives it."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.js = nc.jetstream()
+
+    async def delete(self, name: str) -> None:
+        try:
+            await self.js.delete_stream(name)
+        except nats.js.errors.NotFoundError:
+            pass  # never created, or on a server of the test's own
+
+
+@pytest.fixture(scope="session")
+async def streams(nats_url: str) -> AsyncIterator[Streams]:
+    nc = await connect(nats_url)
+    yield Streams(nc)
+    await nc.close()
+
+
 @pytest.fixture
-def settings_for(nats_url: str, database_url: str) -> Callable[..., config.Settings]:
+async def settings_for(
+    nats_url: str, database_url: str, streams: Streams
+) -> AsyncIterator[Callable[..., config.Settings]]:
     """Settings of a daemon of this test: its own subject prefix and stream."""
     test_id = f"t{RUN_ID}{next(_counter)}"
 
@@ -237,7 +262,8 @@ def settings_for(nats_url: str, database_url: str) -> Callable[..., config.Setti
         values.update(overrides)
         return config.Settings.model_validate(values)
 
-    return make
+    yield make
+    await streams.delete(f"REGISTRY_{test_id}")
 
 
 @pytest.fixture
@@ -286,7 +312,9 @@ async def clients(nats_url: str) -> AsyncIterator[Callable[[Daemon], Awaitable[C
 
 
 @pytest.fixture
-def daemon_env(nats_url: str, database_url: str) -> dict[str, str]:
+async def daemon_env(
+    nats_url: str, database_url: str, streams: Streams
+) -> AsyncIterator[dict[str, str]]:
     """Environment for a registryd subprocess of this test."""
     test_id = f"t{RUN_ID}{next(_counter)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
@@ -299,7 +327,8 @@ def daemon_env(nats_url: str, database_url: str) -> dict[str, str]:
     )
     env.pop("NOTIFY_SOCKET", None)
     env.pop("WATCHDOG_USEC", None)
-    return env
+    yield env
+    await streams.delete(f"REGISTRY_{test_id}")
 
 
 REGISTRYD = [sys.executable, "-m", "daemon"]
@@ -307,12 +336,13 @@ REGISTRYD = [sys.executable, "-m", "daemon"]
 
 @pytest.fixture
 async def spawn(
-    tmp_path: Path, database_url: str, nats_url: str
+    tmp_path: Path, database_url: str, nats_url: str, daemon_env: dict[str, str]
 ) -> AsyncIterator[Callable[..., Awaitable[Registryd]]]:
     """Start registryd subprocesses; any still running at the end are stopped.
 
-    It asks for the test's database and NATS so that pytest stops the daemons
-    before it drops them (teardown runs in reverse order of set-up)."""
+    It asks for the test's database, NATS and daemon_env so that pytest stops
+    the daemons before it empties the one and deletes the stream on the other
+    (teardown runs in reverse order of set-up)."""
     started: list[Registryd] = []
     numbers = itertools.count()  # taken before any await: starts may overlap
 
