@@ -197,6 +197,8 @@ async def _one(client: Client, **expect: Any) -> dict[str, Any] | None:
     return None
 
 
+# Slow: it waits out a real install timeout.
+@pytest.mark.slow
 async def test_a_silent_install_is_still_in_flight_not_a_failure(fast: Client) -> None:
     node = await fast.healthy_node("gpu-1")
     worker = await Worker(fast, node["id"]).start()
@@ -298,6 +300,8 @@ class SlowWorker:
         return [(g, start, end) for g, start, end in self.spans if end is not None]
 
 
+# Slow: a worker that takes 1.5 s per install, twice.
+@pytest.mark.slow
 async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
     start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
 ) -> None:

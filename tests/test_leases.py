@@ -248,6 +248,8 @@ async def lease_count_is(pg: asyncpg.Connection, n: int) -> bool:
     return await lease_count(pg) == n
 
 
+# Slow: two daemons and leases left to expire.
+@pytest.mark.slow
 async def test_two_daemons_release_each_expired_lease_once(
     start_daemon: Callable[..., Awaitable[Daemon]],
     clients: Callable[[Daemon], Awaitable[Client]],

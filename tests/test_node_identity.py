@@ -142,6 +142,8 @@ def per_worker_conf() -> str:
     """
 
 
+# Slow: a nats-server of its own and a registryd process.
+@pytest.mark.slow
 async def test_a_worker_user_can_act_only_on_its_own_node(
     spawn: Callable[..., Awaitable[Registryd]],
     daemon_env: dict[str, str],
