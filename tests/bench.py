@@ -14,6 +14,9 @@ itself. Baselines, sent straight to PostgreSQL with asyncpg from this process:
   B  the best single statement per pick (one UPDATE … RETURNING), then the
      decrement: the floor for any service in front of the database.
   H  one UPDATE per heartbeat.
+  F  the floor for one request: a NATS round trip to a bare echo service plus
+     the best single statement for the operation, each on its own connection,
+     measured in turn with the daemon's requests so they see the same machine.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import psutil
 
 from daemon import embedded
 from infra import db as dbmod
+from tests import bench_table
 from tests.conftest import with_database
 from tests.support import MALFORMED
 
@@ -59,6 +63,14 @@ PICK_B = """
     UPDATE replicas r SET in_flight = in_flight + 1, last_used = now()
       FROM pick WHERE r.id = pick.id
     RETURNING r.*, (SELECT row_to_json(n) FROM nodes n WHERE n.id = r.node_id)"""
+# The best single statement for each operation the floor section measures.
+GET_ONE = """
+    SELECT n.*, (SELECT json_object_agg(key, value) FROM node_labels WHERE node_id = n.id)
+      FROM nodes n WHERE n.id = $1"""
+REGISTER_ONE = """
+    INSERT INTO nodes (name, address, status, approved) VALUES ($1, $2, 'healthy', true)
+    ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, last_heartbeat = now()
+    RETURNING *"""
 HEARTBEAT_ONE = """
     UPDATE nodes SET last_heartbeat = now(), available_vram = $2, reserved_vram = 0
      WHERE id = $1 AND status NOT IN ('pending', 'offline')"""
@@ -267,8 +279,74 @@ class Bench:
             f"{floor / p50_b:.2f}x B",
         )
 
-    async def echo_p50(self, seconds: float) -> float:
-        """p50 of a request to a nats-py service, in another process, that only echoes."""
+    async def floor(self) -> None:
+        """One request at a time: each operation against its floor (F)."""
+        print("one request at a time, against the floor", flush=True)
+        await self.seed(8, 1, 4, "floor")
+        async with self.pool.acquire() as conn:
+            node_id = await conn.fetchval("SELECT id FROM nodes WHERE name = 'floor-1'")
+            replica = await conn.fetchrow(
+                "SELECT id, node_id, replica_index FROM replicas"
+                " WHERE model_name = 'floor1' LIMIT 1"
+            )
+        await self.call("register", name="floor-bare", address="f:1")
+        conn = await asyncpg.connect(self.db_url)
+        echo = await self.echo_service()
+        dec = {
+            "node_id": replica["node_id"],
+            "model": "floor1",
+            "replica_index": replica["replica_index"],
+        }
+        # Each: (daemon request, the best statement for it). inflight_dec
+        # follows its findlock so that counters stay where they were.
+        cases: dict[str, tuple[dict[str, Any], Callable[[], Awaitable[Any]]]] = {
+            "findlock": ({"model": "floor1"}, lambda: conn.fetchrow(PICK_B, "floor1")),
+            "inflight_dec": (dec, lambda: conn.execute(DEC, replica["id"])),
+            "get": ({"node_id": node_id}, lambda: conn.fetchrow(GET_ONE, node_id)),
+            "register": (
+                {"name": "floor-bare", "address": "f:1"},
+                lambda: conn.fetchrow(REGISTER_ONE, "floor-bare", "f:1"),
+            ),
+        }
+        timings: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in cases}
+        echoes: list[float] = []
+        body = orjson.dumps({"model": "floor1"})
+        stop = time.monotonic() + 2 * self.args.seconds
+        try:
+            while time.monotonic() < stop or len(echoes) < 50:
+                started = time.perf_counter()
+                await self.nc.request(f"{self.prefix}.echo", body, timeout=5)
+                echoes.append(time.perf_counter() - started)
+                for op, (request, statement) in cases.items():
+                    daemon, direct = timings[op]
+                    started = time.perf_counter()
+                    await statement()
+                    direct.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    await self.call(op, **request)
+                    daemon.append(time.perf_counter() - started)
+        finally:
+            await echo()
+            await conn.close()
+        e50 = statistics.median(echoes)
+        self.report(
+            "NATS round trip to a bare echo service, p50",
+            f"{e50 * 1e3:.3f} ms",
+            "-",
+            f"{len(echoes)} requests",
+        )
+        for op, (daemon, direct) in timings.items():
+            d50, s50 = statistics.median(daemon), statistics.median(direct)
+            self.report(
+                f"1 client, {op}, p50",
+                f"{d50 * 1e3:.3f} ms (p99 {quantile(daemon, 0.99) * 1e3:.3f})",
+                f"F {(e50 + s50) * 1e3:.3f} ms (echo + {s50 * 1e3:.3f} statement)",
+                f"{d50 / (e50 + s50):.2f}x F (target <= 1.25x)",
+            )
+
+    async def echo_service(self) -> Callable[[], Awaitable[None]]:
+        """A nats-py service in another process that only echoes, on <prefix>.echo;
+        returns what stops it."""
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -287,6 +365,17 @@ class Bench:
         )
         assert child.stdout is not None and child.stdin is not None
         assert await child.stdout.readline() == b"ready\n"
+
+        async def stop() -> None:
+            assert child.stdin is not None
+            child.stdin.close()
+            await child.wait()
+
+        return stop
+
+    async def echo_p50(self, seconds: float) -> float:
+        """p50 of a request to a nats-py service, in another process, that only echoes."""
+        stop_echo = await self.echo_service()
         latencies = []
         stop = time.monotonic() + seconds
         body = orjson.dumps({"model": "one1"})
@@ -294,8 +383,7 @@ class Bench:
             started = time.perf_counter()
             await self.nc.request(f"{self.prefix}.echo", body, timeout=5)
             latencies.append(time.perf_counter() - started)
-        child.stdin.close()
-        await child.wait()
+        await stop_echo()
         return statistics.median(latencies)
 
     async def heartbeats(self) -> None:
@@ -570,8 +658,11 @@ class Bench:
             latencies.append(time.perf_counter() - started)
         return latencies
 
+    async def table(self) -> None:
+        await bench_table.table(self)
 
-SECTIONS = ("findlock", "heartbeats", "scale", "malformed", "explain")
+
+SECTIONS = ("floor", "findlock", "heartbeats", "scale", "malformed", "explain", "table")
 
 
 async def burst(url: str, prefix: str, count: int) -> None:
