@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 import nats
 import nats.errors
+import nats.js.errors
 import orjson
 import psutil
 
@@ -146,6 +147,10 @@ class Bench:
     async def teardown(self) -> None:
         self.daemon.terminate()
         await self.daemon.wait()
+        try:  # file storage on a server that may outlive this run
+            await self.nc.jetstream().delete_stream(f"BENCH_{self.prefix}")
+        except nats.js.errors.NotFoundError:
+            pass
         await self.nc.close()
         await self.pool.close()
         admin = await asyncpg.connect(self.admin_url)
@@ -705,24 +710,33 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--replicas", type=int, default=100_000)
     parser.add_argument(
+        "--minutes", type=float, default=10.0, help="length of the soak (section soak)"
+    )
+    parser.add_argument(
         "sections",
         nargs="*",
         metavar="section",
-        help=f"which to run (default all): {', '.join(SECTIONS)}",
+        help=f"which to run (default all but soak): {', '.join(SECTIONS)}, soak",
     )
     args = parser.parse_args(argv)
-    unknown = set(args.sections) - set(SECTIONS)
+    unknown = set(args.sections) - {*SECTIONS, "soak"}
     if unknown:
         parser.error(f"no section {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     args.sections = args.sections or list(SECTIONS)
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 8.0
     bench = Bench(args)
+    passed = True
     with tempfile.TemporaryDirectory(prefix="registryd-bench-") as workdir:
         await bench.setup(Path(workdir))
         try:
             for section in args.sections:
-                await getattr(bench, section)()
+                if section == "soak":
+                    from tests.soak import soak
+
+                    passed = await soak(bench, args.minutes)
+                else:
+                    await getattr(bench, section)()
         finally:
             await bench.teardown()
     print()
@@ -730,7 +744,7 @@ async def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for row in bench.rows:
         print("| " + " | ".join(row) + " |")
-    return 0
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -669,20 +668,7 @@ async def main(argv: list[str] | None = None) -> int:
             ok = await soak(bench, args.minutes)
         finally:
             await bench.teardown()
-            if os.environ.get("REGISTRY_TEST_NATS_URL"):
-                await drop_stream(bench)
     return 0 if ok else 1
-
-
-async def drop_stream(bench: Bench) -> None:
-    """The daemon's intent stream is file storage on a shared NATS server: remove it."""
-    nc = await nats.connect(bench.nats_url, max_reconnect_attempts=0)
-    try:
-        await nc.jetstream().delete_stream(f"BENCH_{bench.prefix}")
-    except Exception:
-        pass
-    finally:
-        await nc.close()
 
 
 if __name__ == "__main__":
