@@ -195,6 +195,10 @@ class Delivery:
             if ends > now:  # being delivered right now, by us or by another daemon
                 await msg.nak(delay=min((ends - now).total_seconds(), self._s.drain_interval))
                 return
+            if intent.cancelled:  # its attempt is over, whoever made it
+                await self._store.delete_version(stored)
+                await msg.ack()
+                return
             log.warning("a delivery of %s was never finished; delivering again", intent.describe())
         if status != "healthy":
             await msg.nak(delay=self._s.drain_interval)
@@ -229,6 +233,8 @@ class Delivery:
             return current.intent.unclaimed()
 
         try:
+            if await self._drop_cancelled(subject, token):
+                return
             await self._store.write(subject, unclaim)
         except Exception as exc:
             log.warning("could not hand back %s: %s", subject, exc)
@@ -272,6 +278,16 @@ class Delivery:
     def backoff(self, attempts: int) -> float:
         return min(self._s.backoff_base * 2 ** max(attempts - 1, 0), self._s.backoff_cap)
 
+    async def _drop_cancelled(self, subject: str, token: str) -> bool:
+        """Drop the intent if it was cancelled during our attempt, now over."""
+        current = await self._store.get(subject)
+        if current is None or not current.intent.cancelled:
+            return False
+        if current.intent.claimed_by(token):
+            # This version only: asked for again meanwhile, the newer one stays.
+            await self._store.delete_version(current)
+        return True
+
     async def _record(self, subject: str, token: str, intent: Intent, outcome: Outcome) -> None:
         what = intent.describe()
         if outcome.kind == "ok":
@@ -284,6 +300,9 @@ class Delivery:
             change = await node_status.no_worker(self._db, intent.node_id)
             if change is not None:
                 await node_status.announce(self._events, self._store, [change])
+        if await self._drop_cancelled(subject, token):
+            log.info("%s, cancelled during the attempt: %s", what, outcome.error)
+            return
         now = await intents.database_now(self._db)
         abandoned = False
 

@@ -76,9 +76,9 @@ class Intent:
 
     A change is a new Intent (dataclasses.replace), written as a new version
     of the message. `galleries` is kept for the worker and never sent back
-    (Go's json:"-"); `delivering` and `reissued` are the delivery's
-    bookkeeping: a daemon's claim on the attempt in progress, and a reissue
-    that waits for that attempt to end.
+    (Go's json:"-"); `delivering`, `reissued` and `cancelled` are the
+    delivery's bookkeeping: a daemon's claim on the attempt in progress, a
+    reissue that waits for that attempt to end, and a cancel that does.
     """
 
     id: int
@@ -93,6 +93,10 @@ class Intent:
     dead: bool = False
     delivering: Claim | None = None
     reissued: bool = False
+    # Cancelled while being delivered: kept, out of every list, until the
+    # attempt ends, so that asking for it again meanwhile waits for that
+    # attempt instead of sending the worker a second one beside it.
+    cancelled: bool = False
 
     def encode(self) -> bytes:
         return orjson.dumps(self, option=orjson.OPT_UTC_Z)
@@ -127,7 +131,7 @@ class Intent:
         return f"{self.op} of {self.backend!r} on {self.node_id}"
 
 
-_INTERNAL = ("galleries", "delivering", "reissued")
+_INTERNAL = ("galleries", "delivering", "reissued", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -204,12 +208,13 @@ class IntentStore:
         return list((info.state.subjects or {}).keys())
 
     async def find(self, wanted: int) -> Stored | None:
-        """The intent with this id. Its subject names its node, op and
-        backend, of which the id is a digest: only that one is read."""
+        """The intent with this id (not one cancelled). Its subject names its
+        node, op and backend, of which the id is a digest: only that one is read."""
         for subject in await self.subjects():
             node_id, op, backend = self._parts(subject)
             if intent_id(node_id, backend, op) == wanted:
-                return await self.get(subject)
+                stored = await self.get(subject)
+                return stored if stored is not None and not stored.intent.cancelled else None
         return None
 
     def _parts(self, subject: str) -> tuple[str, str, str]:
@@ -218,7 +223,8 @@ class IntentStore:
         return node_id, op, backend
 
     async def all(self, node_id: str | None = None) -> list[Stored]:
-        """Every intent (of one node), read concurrently, one request per intent."""
+        """Every intent (of one node) but those cancelled, read concurrently,
+        one request per intent."""
         subjects = await self.subjects(node_id)
         gate = asyncio.Semaphore(32)
 
@@ -227,7 +233,7 @@ class IntentStore:
                 return await self.get(subject)
 
         found = await asyncio.gather(*(read(s) for s in subjects))
-        return [s for s in found if s is not None]
+        return [s for s in found if s is not None and not s.intent.cancelled]
 
     # ------------------------------------------------------------ writes
 
@@ -276,8 +282,20 @@ class IntentStore:
             log.debug("intent version %d already gone: %s", stored.seq, exc)
 
     async def remove(self, subject: str) -> None:
-        """Cancel an intent, whatever version it is at."""
+        """Drop an intent, whatever version it is at."""
         await self._js.purge_stream(self.stream, subject=subject)
+
+    async def cancel(self, subject: str) -> None:
+        """Cancel an intent. One being delivered is kept, marked, until its
+        attempt ends (the delivery drops it then); any other is dropped now."""
+
+        def mark(current: Stored | None) -> Intent | None:
+            if current is None or current.intent.delivering is None:
+                return None
+            return dataclasses.replace(current.intent, cancelled=True, reissued=False)
+
+        if await self.write(subject, mark) is None:
+            await self.remove(subject)
 
     async def purge_node(self, node_id: str) -> None:
         """Drop every intent of a node (it was deregistered)."""

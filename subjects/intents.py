@@ -81,6 +81,20 @@ async def backend_op(ctx: Context, req: BackendOpRequest) -> Any:
                 created_at=now,
                 next_retry_at=now,
             )
+        if current.intent.cancelled:
+            # Cancelled during an attempt that has not ended: a new intent,
+            # which waits for that attempt like a reissue does.
+            return replace(
+                current.intent,
+                galleries=req.galleries,
+                created_at=now,
+                next_retry_at=now,
+                attempts=0,
+                last_error="",
+                dead=False,
+                cancelled=False,
+                reissued=True,
+            )
         intent = replace(current.intent, galleries=req.galleries, next_retry_at=now)
         if intent.delivering is not None:
             # Being delivered: the worker gets one request of an intent at a
@@ -137,9 +151,10 @@ class CancelRequest(Request):
 
 @group.op("backend_op_cancel", CancelRequest)
 async def backend_op_cancel(ctx: Context, req: CancelRequest) -> Any:
-    """Remove a queued or abandoned intent."""
+    """Remove a queued or abandoned intent (one being delivered goes when its
+    attempt ends; it is out of every list at once)."""
     stored = await ctx.intents.find(req.id)
     if stored is None:
         raise NotFound(f"intent {req.id} not found")
-    await ctx.intents.remove(stored.subject)
+    await ctx.intents.cancel(stored.subject)
     return OK

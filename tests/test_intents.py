@@ -330,6 +330,69 @@ async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
         await nc.close()
 
 
+# Slow: a worker that takes 1.5 s per install, twice.
+@pytest.mark.slow
+async def test_a_cancel_then_a_new_request_during_delivery_waits_for_the_attempt(
+    start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
+) -> None:
+    # Cancelling the intent being delivered, then asking for it again, must
+    # not hand the worker a second install beside the one it is running.
+    daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
+    nc = await connect(nats_url)
+    client = Client(nc, daemon.settings.subject_prefix)
+    try:
+        node = await client.healthy_node("gpu-1")
+        worker = await SlowWorker(client, node["id"], work=1.5).start()
+        op = {"node_id": node["id"], "backend": "b", "op": "install"}
+        first = await client.call("backend_op", **op, galleries="v1")
+        await eventually(lambda: _started(worker, 1), "the first install to start")
+        assert await client.call("backend_op_cancel", id=first["id"]) == {}
+        # Gone from every view at once, and not cancellable twice.
+        assert await intents(client, dead=True) == []
+        assert await client.call("backend_ops_count") == {}
+        await fails(client.call("backend_op_cancel", id=first["id"]), 404)
+        again = await client.call("backend_op", **op, galleries="v2")
+        assert set(again) == WIRE_FIELDS and again["attempts"] == 0
+        assert [i["id"] for i in await intents(client)] == [first["id"]]
+        await eventually(lambda: _ended(worker, 2), "both installs to end")
+        await until(lambda: _empty(client))
+        one, two = worker.ended()
+        assert [one[0], two[0]] == ["v1", "v2"]
+        assert worker.most_at_once == 1 and two[1] >= one[2]
+    finally:
+        await nc.close()
+
+
+# Slow: a worker that takes 1.5 s per install.
+@pytest.mark.slow
+async def test_an_intent_cancelled_during_delivery_is_not_sent_again(
+    start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
+) -> None:
+    daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
+    nc = await connect(nats_url)
+    client = Client(nc, daemon.settings.subject_prefix)
+    try:
+        node = await client.healthy_node("gpu-1")
+        worker = await SlowWorker(client, node["id"], work=1.5).start()
+        got = await client.call("backend_op", node_id=node["id"], backend="b", op="install")
+        await eventually(lambda: _started(worker, 1), "the install to start")
+        await client.call("backend_op_cancel", id=got["id"])
+        await eventually(lambda: _ended(worker, 1), "the install to end")
+        # The stream is empty too: nothing is left to be delivered later.
+        js = nc.jetstream()
+        await eventually(
+            lambda: _stream_empty(js, daemon.settings.stream), "the cancelled intent to go"
+        )
+        await asyncio.sleep(1)  # three drain intervals: time for a wrong second attempt
+        assert len(worker.spans) == 1
+    finally:
+        await nc.close()
+
+
+async def _stream_empty(js: Any, stream: str) -> bool | None:
+    return (await js.stream_info(stream)).state.messages == 0 or None
+
+
 WIRE_FIELDS = {
     "id",
     "node_id",
