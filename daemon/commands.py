@@ -25,7 +25,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from daemon import logs
-from infra.config import Settings, nats_options
+from infra.config import Settings, add_flags, nats_options
 from registryd import admin
 from registryd.admin import STATUSES
 from registryd.agent import (
@@ -64,6 +64,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _model(text: str) -> tuple[str, str | None]:
+    name, sep, address = text.partition("=")
+    if not name or (sep and not address):
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=HOST:PORT, got {text!r}")
+    return name, address or None
+
+
 def _pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -74,21 +81,54 @@ def _pair(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- the parser
 
 
+# The settings an agent uses: how to reach NATS, the subject prefix, the
+# registration token, logging, and where its node key lives. The daemon's
+# others (database, stream, sweeps, ...) are not its business.
+AGENT_SETTINGS = (
+    "nats_url",
+    "nats_creds",
+    "nats_nkey",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+    "subject_prefix",
+    "registration_token",
+    "log_format",
+    "log_level",
+    "state_dir",
+)
+
+
 def add(commands: Any, common: argparse.ArgumentParser) -> None:
     """Add the client's subcommands to `registryd`'s subparsers."""
+    agent_settings = argparse.ArgumentParser(add_help=False)
+    add_flags(agent_settings, AGENT_SETTINGS)
     agent = commands.add_parser(
         "agent",
-        parents=[common],
+        parents=[agent_settings],
         help="register this worker and heartbeat its free VRAM until stopped",
         description="Register a worker (vLLM, SGLang, llama.cpp server, ...) with the "
         "registry, heartbeat its free VRAM every --interval, register it again when the "
         "registry forgets it, and mark it offline on SIGTERM/SIGINT. Free VRAM comes from "
         "--vram-command or --available-vram when given, else from NVML when nvidia-ml-py "
-        "is installed (pip install 'registryd[nvml]').",
+        "is installed (pip install 'registryd[nvml]'). Each --model is recorded as a "
+        "loaded replica after every registration, for routers to find once the node is "
+        "approved.",
     )
     agent.add_argument("--name", default=socket.gethostname(), help="node name (the host name)")
     agent.add_argument("--address", help="host:port of the worker's server (backend nodes)")
     agent.add_argument("--http-address", help="host:port of the worker's HTTP API")
+    agent.add_argument(
+        "--model",
+        type=_model,
+        action="append",
+        default=[],
+        metavar="NAME[=HOST:PORT]",
+        help="a model the worker serves, at --address or at HOST:PORT (repeatable)",
+    )
     agent.add_argument("--node-type", choices=("backend", "agent"), help="backend by default")
     agent.add_argument(
         "--label", type=_pair, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
@@ -198,7 +238,7 @@ def run(
     """Run one of the subcommands in NAMES; its exit code."""
     if command == "agent":
         logs.setup(settings.log_format, settings.log_level)
-        return asyncio.run(agent_main(settings, args))
+        return asyncio.run(agent_main(embedded_daemon(settings, explicit), args))
     if command in ADMIN:
         return asyncio.run(admin_main(command, args, settings, explicit))
     raise ValueError(f"not a client command: {command}")
@@ -253,19 +293,24 @@ class Unanswered(Exception):
     """A request that got no reply: NATS unreachable, nobody serving, or too slow."""
 
 
+def embedded_daemon(settings: Settings, explicit: Mapping[str, Any]) -> Settings:
+    """With no NATS URL given, a daemon started with --embedded from this
+    directory is the one the user means: its URL, when it runs."""
+    from daemon.embedded import running_nats_url
+
+    if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
+        url = running_nats_url(settings.state_dir)
+        if url:
+            return settings.model_copy(update={"nats_url": url})
+    return settings
+
+
 @contextlib.asynccontextmanager
 async def connection(settings: Settings, explicit: dict[str, Any]) -> AsyncIterator[NATS]:
     """A NATS connection for one command (`call`, `why`), with the daemon's settings:
     no reconnecting, two tries per server, and a daemon started with --embedded
     from this directory when no NATS URL is given."""
-    from daemon.embedded import running_nats_url
-
-    # With no NATS URL given, a daemon started with --embedded from this
-    # directory is the one the user means.
-    if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
-        url = running_nats_url(settings.state_dir)
-        if url:
-            settings = settings.model_copy(update={"nats_url": url})
+    settings = embedded_daemon(settings, explicit)
     last_error: list[Exception] = []
 
     async def connect_error(exc: Exception) -> None:
@@ -311,6 +356,11 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
             log.error("cannot read or create the node key in %s: %s", key_file, exc)
             return 2
         log.info("node key of %s from %s", args.name, key_file.absolute())
+    homeless = [model for model, address in args.model if address is None]
+    if homeless and not args.address:
+        model = homeless[0]
+        log.error("--model %s needs --address, or its own: --model %s=HOST:PORT", model, model)
+        return 2
     vram = vram_source(args.available_vram, args.total_vram, args.vram_command)
     log.info("agent for %s: free VRAM from %s", args.name, vram.description)
 
@@ -351,6 +401,7 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
             gpu_vendor=args.gpu_vendor,
             max_replicas_per_model=args.max_replicas,
             vram=vram,
+            models=args.model,
             interval=args.interval,
             confirm_every=args.confirm_every,
         )

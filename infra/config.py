@@ -189,10 +189,12 @@ def nats_servers(value: str) -> list[str]:
 FIELDS: tuple[str, ...] = tuple(Settings.model_fields)
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; absent flags leave the environment's value alone."""
+def add_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] = FIELDS) -> None:
+    """One flag per setting in `fields` (every one by default); absent flags
+    leave the environment's value alone."""
     group = parser.add_argument_group("settings (each also REGISTRY_<NAME> in the environment)")
-    for name, info in Settings.model_fields.items():
+    for name in fields:
+        info = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
         if info.annotation is bool:
             group.add_argument(

@@ -20,6 +20,13 @@ gets 503 is retried at the next heartbeat (registration with backoff). Other
 errors (a wrong token or node key: 401; a bad field: 400) end `run` with the
 error.
 
+A worker that serves models names them (`models=`, `--model`): after every
+registration the agent records each as a loaded replica (`replica_set`,
+state "loaded", at the worker's address or the model's own), since a
+registration clears the node's replicas (the registry takes it for a
+restarted worker). Routers' `findlock` then finds them once the node is
+healthy: approved by an admin, or at once with REGISTRY_AUTO_APPROVE.
+
 `registryd agent` registers with a node key (contract v1.2) kept in a file,
 `<REGISTRY_STATE_DIR>/agent/<name>.key` by default: `load_node_key` creates it
 with a random key on the first start and returns the same key on every later
@@ -41,7 +48,7 @@ import signal
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -306,6 +313,42 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# ---------------------------------------------------------------- served models
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model the worker serves, recorded as a loaded replica of its node."""
+
+    model: str
+    replica_index: int
+    address: str
+
+
+Models = Mapping[str, str | None] | Iterable[str | tuple[str, str | None]]
+
+
+def served_models(models: Models | None, address: str | None) -> tuple[Served, ...]:
+    """The replicas to record for `models`: names (served at `address`), or
+    (name, address) pairs, or a mapping of name to address (None: `address`).
+    A model named more than once (two servers of it) gets replica indexes 0,
+    1, ... in the order given."""
+    if models is None:
+        return ()
+    pairs = models.items() if isinstance(models, Mapping) else models
+    served: list[Served] = []
+    for item in pairs:
+        model, at = (item, None) if isinstance(item, str) else item
+        at = at or address
+        if not model:
+            raise ValueError("a model needs a name")
+        if not at:
+            raise ValueError(f"model {model!r} has no address: give the node's or its own")
+        index = sum(1 for s in served if s.model == model)
+        served.append(Served(model, index, at))
+    return tuple(served)
+
+
 # ---------------------------------------------------------------- the agent
 
 
@@ -351,7 +394,11 @@ class Agent:
 
     `node_key` (16-256 characters) is sent with every registration, binding the
     name to it; None registers without one (v1). `load_node_key` reads (or
-    first creates) one kept in a file."""
+    first creates) one kept in a file.
+
+    `models` are the models the worker serves (see `served_models`): after
+    each registration they are recorded as loaded replicas, so that routers
+    find them once the node is healthy."""
 
     def __init__(
         self,
@@ -367,6 +414,7 @@ class Agent:
         gpu_vendor: str | None = None,
         max_replicas_per_model: int | None = None,
         vram: VramSource | None = None,
+        models: Models | None = None,
         interval: float = 5.0,
         confirm_every: float | None = None,
         report_ram: bool = True,
@@ -377,6 +425,7 @@ class Agent:
         self.registry = registry
         self.name = name
         self.vram = vram or FixedVram()
+        self.models = served_models(models, address)
         self.interval = interval
         self.confirm_every = confirm_every
         self.report_ram = report_ram
@@ -399,6 +448,7 @@ class Agent:
         self._last_confirmed = float("-inf")
         self._heartbeats = Outage("heartbeat")
         self._registering = Outage("registration")
+        self._serving = Outage("recording the served models")
 
     @property
     def node_id(self) -> str | None:
@@ -458,8 +508,50 @@ class Agent:
             self.registrations += 1
             self._last_confirmed = time.monotonic()  # registering counts as being known
             log.info("registered %s as node %s, %s", self.name, node.id, node.status)
+            if not await self._serve_models(node):
+                self.node = None  # deregistered meanwhile: register again
+                continue
+            if node.status == "pending":
+                log.info(
+                    "%s waits for approval (registryd approve %s); routers pick its "
+                    "replicas once it is healthy",
+                    self.name,
+                    self.name,
+                )
             self.registered.set()
             return
+
+    async def _serve_models(self, node: Node) -> bool:
+        """Record the served models as loaded replicas of the node just
+        registered, retrying 503s; False when the registry no longer knows
+        the node. A registration cleared its replicas, so this follows each."""
+        backoff = Backoff(cap=max(self.interval, 1.0))
+        for served in self.models:
+            while not self._stopping.is_set():
+                try:
+                    await self.registry.replica_set(
+                        node.id,
+                        served.model,
+                        served.replica_index,
+                        state="loaded",
+                        address=served.address,
+                    )
+                except NotFound:
+                    return False
+                except Unavailable as exc:
+                    self._serving.failed(exc)
+                    await self._pause(backoff.next())
+                    continue
+                self._serving.ok()
+                log.info(
+                    "%s serves %s (replica %d) at %s",
+                    self.name,
+                    served.model,
+                    served.replica_index,
+                    served.address,
+                )
+                break
+        return True
 
     async def _beat(self) -> None:
         assert self.node is not None

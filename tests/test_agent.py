@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import signal
 import stat
+import subprocess
 import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,12 +29,15 @@ from registryd.agent import (
     CommandVram,
     FixedVram,
     NvmlVram,
+    Served,
     Vram,
     load_node_key,
     node_key_path,
     parse_bytes,
+    served_models,
     vram_source,
 )
+from registryd.errors import NotFound
 from tests.support import Registryd, connect, eventually
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
@@ -204,6 +208,119 @@ async def test_the_agent_rides_out_a_daemon_restart(
     assert row is not None and row["last_heartbeat"] > stopped_at
 
 
+# ---------------------------------------------------------------- served models
+
+
+async def routed_to(registry: Registry, model: str) -> tuple[str, str]:
+    """The node id and address a router's findlock picks for `model` (the unit
+    given back at once)."""
+    async with registry.routed(model, lease_s=30) as pick:
+        return pick.node.id, pick.replica.address
+
+
+async def not_routed(registry: Registry, model: str) -> None:
+    with pytest.raises(NotFound):
+        await registry.findlock(model)
+
+
+async def test_an_agent_serving_models_is_routed_to_once_approved(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    models = ["qwen3-8b", ("llama-70b", "10.0.0.5:8001")]
+    agent = Agent(
+        registry,
+        "gpu-1",
+        address="10.0.0.5:8000",
+        models=models,
+        vram=FixedVram(1, 2),
+        interval=FAST,
+    )
+    running = agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    node_id = agent.node_id
+    assert node_id is not None
+    replica = await registry.replica_get(node_id, "qwen3-8b")
+    assert (replica.state, replica.address, replica.replica_index) == ("loaded", "10.0.0.5:8000", 0)
+    assert (await registry.replica_get(node_id, "llama-70b")).address == "10.0.0.5:8001"
+
+    await not_routed(registry, "qwen3-8b")  # pending: recorded, but no router picks it
+    await registry.approve(node_id)
+    assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
+    assert await routed_to(registry, "llama-70b") == (node_id, "10.0.0.5:8001")
+
+    # The worker restarts: stopping marks it offline (its replicas cleared),
+    # starting registers it again (approved: healthy) and records them again.
+    await running.stop()
+    await not_routed(registry, "qwen3-8b")
+    again = Agent(
+        registry,
+        "gpu-1",
+        address="10.0.0.5:8000",
+        models=models,
+        vram=FixedVram(1, 2),
+        interval=FAST,
+    )
+    agents(again)
+    await asyncio.wait_for(again.registered.wait(), 10)
+    assert again.node_id == node_id
+    assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
+
+
+async def test_an_agent_deregistered_registers_again_with_its_models(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent = Agent(
+        registry,
+        "gpu-1",
+        address="10.0.0.5:8000",
+        models=["qwen3-8b"],
+        vram=FixedVram(1, 2),
+        interval=FAST,
+    )
+    agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    first = agent.node_id
+    assert first is not None
+    await registry.approve(first)
+    assert await routed_to(registry, "qwen3-8b") == (first, "10.0.0.5:8000")
+
+    await registry.deregister(first)  # the node, its replicas and its approval go
+
+    async def back() -> str | None:
+        if agent.registrations < 2 or agent.node_id is None:
+            return None
+        try:
+            replica = await registry.replica_get(agent.node_id, "qwen3-8b")
+        except NotFound:
+            return None
+        return replica.node_id if replica.state == "loaded" else None
+
+    second = await eventually(back, "the agent to register again with its replica")
+    assert second != first
+    node = await registry.get(second)
+    assert node.status == "pending"  # a new node: approved anew before routers see it
+    await not_routed(registry, "qwen3-8b")
+    await registry.approve(second)
+    assert await routed_to(registry, "qwen3-8b") == (second, "10.0.0.5:8000")
+
+
+def test_served_models() -> None:
+    assert served_models(None, "a:1") == ()
+    assert served_models(["m", ("n", "b:2"), "m"], "a:1") == (
+        Served("m", 0, "a:1"),
+        Served("n", 0, "b:2"),
+        Served("m", 1, "a:1"),  # a second server of m: the next replica index
+    )
+    assert served_models({"m": None, "n": "b:2"}, "a:1") == (
+        Served("m", 0, "a:1"),
+        Served("n", 0, "b:2"),
+    )
+    with pytest.raises(ValueError, match="no address"):
+        served_models(["m"], None)
+
+
 class OwnNats:
     """A nats-server of this test's own, stopped and started on the same port."""
 
@@ -309,6 +426,74 @@ async def test_registryd_agent_goes_offline_on_sigterm_and_exits_0(
     assert await agent.exit_code() == 0, agent.output()
     assert (await node_row(pg, "worker-7"))["status"] == "offline"  # type: ignore[index]
     assert "marked offline" in agent.output()
+
+
+async def test_registryd_agent_with_a_model_is_routed_to_once_approved(
+    daemon: Daemon,
+    nc: NATS,
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    env = daemon_env | {
+        "REGISTRY_SUBJECT_PREFIX": daemon.settings.subject_prefix,
+        "REGISTRY_STATE_DIR": str(tmp_path / "state"),
+    }
+    agent = await spawn(
+        "agent",
+        "--name=gpu-1",
+        "--address=127.0.0.1:8000",
+        "--model=qwen3-8b",
+        "--model=embed=127.0.0.1:8001",
+        "--interval=0.2",
+        env=env,
+    )
+    registry = Registry(nc, daemon.settings.subject_prefix)
+
+    async def serving() -> str | None:
+        agent.assert_running()
+        try:
+            node = await registry.get(name="gpu-1")
+            await registry.replica_get(node.id, "embed")
+        except NotFound:
+            return None
+        return node.id
+
+    node_id = await eventually(serving, "registryd agent to record its models")
+    await not_routed(registry, "qwen3-8b")
+    await registry.approve(node_id)
+    assert await routed_to(registry, "qwen3-8b") == (node_id, "127.0.0.1:8000")
+    assert await routed_to(registry, "embed") == (node_id, "127.0.0.1:8001")
+    output = agent.output()
+    assert "waits for approval (registryd approve gpu-1)" in output
+    assert "serves qwen3-8b (replica 0) at 127.0.0.1:8000" in output
+
+    agent.send(signal.SIGTERM)
+    assert await agent.exit_code() == 0, agent.output()
+    await not_routed(registry, "qwen3-8b")  # offline: its replicas cleared
+
+    homeless = await spawn("agent", "--name=gpu-2", "--model=qwen3-8b", env=env)
+    assert await homeless.exit_code() == 2
+    assert "--model qwen3-8b needs --address" in homeless.output()
+
+
+def test_registryd_agent_help_shows_only_what_an_agent_uses() -> None:
+    def help_of(*command: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon", *command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout
+
+    agent = help_of("agent")
+    for unused in ("--database-url", "--stream", "--install-timeout", "--max-concurrency"):
+        assert unused not in agent
+    for used in ("--nats-url", "--nats-creds", "--nats-tls-cert", "--subject-prefix"):
+        assert used in agent
+    assert "--registration-token" in agent and "--state-dir" in agent and "--model" in agent
+    assert "--database-url" in help_of()  # the daemon's own flags stay
 
 
 async def test_registryd_agent_with_a_wrong_token_exits_1(
