@@ -300,93 +300,84 @@ class SlowWorker:
         return [(g, start, end) for g, start, end in self.spans if end is not None]
 
 
-# Slow: a worker that takes 1.5 s per install, twice.
-@pytest.mark.slow
-async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
+@pytest.fixture
+async def installing(
     start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
-) -> None:
-    # An install timeout well past the worker's work: the first attempt is
-    # answered, not timed out, and the reissue has to wait for that answer.
+) -> AsyncIterator[tuple[Daemon, Client, dict[str, Any], SlowWorker]]:
+    """A healthy node whose worker takes 1.5 s an install, under an install
+    timeout well past that: an attempt is answered, not timed out, and what
+    comes meanwhile has to wait for that answer."""
     daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
     nc = await connect(nats_url)
     client = Client(nc, daemon.settings.subject_prefix)
-    try:
-        node = await client.healthy_node("gpu-1")
-        worker = await SlowWorker(client, node["id"], work=1.5).start()
-        op = {"node_id": node["id"], "backend": "b", "op": "install"}
-        await client.call("backend_op", **op, galleries="v1")
-        await eventually(lambda: _started(worker, 1), "the first install to start")
-        again = await client.call("backend_op", **op, galleries="v2")
-        # The daemon's bookkeeping stays off the wire, in the reply and the list.
-        assert set(again) == WIRE_FIELDS
-        assert [set(i) for i in await intents(client)] == [WIRE_FIELDS]
-        await eventually(lambda: _ended(worker, 2), "both installs to end")
-        await until(lambda: _empty(client))
-        first, second = worker.ended()
-        assert [first[0], second[0]] == ["v1", "v2"]
-        assert worker.most_at_once == 1 and second[1] >= first[2]
-        assert len(worker.spans) == 2
-    finally:
-        await nc.close()
+    node = await client.healthy_node("gpu-1")
+    yield daemon, client, node, await SlowWorker(client, node["id"], work=1.5).start()
+    await nc.close()
+
+
+# Slow: a worker that takes 1.5 s per install, twice.
+@pytest.mark.slow
+async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
+    installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
+) -> None:
+    _, client, node, worker = installing
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    await client.call("backend_op", **op, galleries="v1")
+    await eventually(lambda: _started(worker, 1), "the first install to start")
+    again = await client.call("backend_op", **op, galleries="v2")
+    # The daemon's bookkeeping stays off the wire, in the reply and the list.
+    assert set(again) == WIRE_FIELDS
+    assert [set(i) for i in await intents(client)] == [WIRE_FIELDS]
+    await _one_after_the_other(client, worker)
+
+
+async def _one_after_the_other(client: Client, worker: SlowWorker) -> None:
+    """Both installs, v1 then v2, the second only once the first ended."""
+    await eventually(lambda: _ended(worker, 2), "both installs to end")
+    await until(lambda: _empty(client))
+    first, second = worker.ended()
+    assert [first[0], second[0]] == ["v1", "v2"]
+    assert worker.most_at_once == 1 and second[1] >= first[2]
+    assert len(worker.spans) == 2
 
 
 # Slow: a worker that takes 1.5 s per install, twice.
 @pytest.mark.slow
 async def test_a_cancel_then_a_new_request_during_delivery_waits_for_the_attempt(
-    start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
+    installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
 ) -> None:
     # Cancelling the intent being delivered, then asking for it again, must
     # not hand the worker a second install beside the one it is running.
-    daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
-    nc = await connect(nats_url)
-    client = Client(nc, daemon.settings.subject_prefix)
-    try:
-        node = await client.healthy_node("gpu-1")
-        worker = await SlowWorker(client, node["id"], work=1.5).start()
-        op = {"node_id": node["id"], "backend": "b", "op": "install"}
-        first = await client.call("backend_op", **op, galleries="v1")
-        await eventually(lambda: _started(worker, 1), "the first install to start")
-        assert await client.call("backend_op_cancel", id=first["id"]) == {}
-        # Gone from every view at once, and not cancellable twice.
-        assert await intents(client, dead=True) == []
-        assert await client.call("backend_ops_count") == {}
-        await fails(client.call("backend_op_cancel", id=first["id"]), 404)
-        again = await client.call("backend_op", **op, galleries="v2")
-        assert set(again) == WIRE_FIELDS and again["attempts"] == 0
-        assert [i["id"] for i in await intents(client)] == [first["id"]]
-        await eventually(lambda: _ended(worker, 2), "both installs to end")
-        await until(lambda: _empty(client))
-        one, two = worker.ended()
-        assert [one[0], two[0]] == ["v1", "v2"]
-        assert worker.most_at_once == 1 and two[1] >= one[2]
-    finally:
-        await nc.close()
+    _, client, node, worker = installing
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    first = await client.call("backend_op", **op, galleries="v1")
+    await eventually(lambda: _started(worker, 1), "the first install to start")
+    assert await client.call("backend_op_cancel", id=first["id"]) == {}
+    # Gone from every view at once, and not cancellable twice.
+    assert await intents(client, dead=True) == []
+    assert await client.call("backend_ops_count") == {}
+    await fails(client.call("backend_op_cancel", id=first["id"]), 404)
+    again = await client.call("backend_op", **op, galleries="v2")
+    assert set(again) == WIRE_FIELDS and again["attempts"] == 0
+    assert [i["id"] for i in await intents(client)] == [first["id"]]
+    await _one_after_the_other(client, worker)
 
 
 # Slow: a worker that takes 1.5 s per install.
 @pytest.mark.slow
 async def test_an_intent_cancelled_during_delivery_is_not_sent_again(
-    start_daemon: Callable[..., Awaitable[Daemon]], nats_url: str
+    installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
 ) -> None:
-    daemon = await start_daemon(**(FAST | {"install_timeout": 10}))
-    nc = await connect(nats_url)
-    client = Client(nc, daemon.settings.subject_prefix)
-    try:
-        node = await client.healthy_node("gpu-1")
-        worker = await SlowWorker(client, node["id"], work=1.5).start()
-        got = await client.call("backend_op", node_id=node["id"], backend="b", op="install")
-        await eventually(lambda: _started(worker, 1), "the install to start")
-        await client.call("backend_op_cancel", id=got["id"])
-        await eventually(lambda: _ended(worker, 1), "the install to end")
-        # The stream is empty too: nothing is left to be delivered later.
-        js = nc.jetstream()
-        await eventually(
-            lambda: _stream_empty(js, daemon.settings.stream), "the cancelled intent to go"
-        )
-        await asyncio.sleep(1)  # three drain intervals: time for a wrong second attempt
-        assert len(worker.spans) == 1
-    finally:
-        await nc.close()
+    daemon, client, node, worker = installing
+    got = await client.call("backend_op", node_id=node["id"], backend="b", op="install")
+    await eventually(lambda: _started(worker, 1), "the install to start")
+    await client.call("backend_op_cancel", id=got["id"])
+    await eventually(lambda: _ended(worker, 1), "the install to end")
+    # The stream is empty too: nothing is left to be delivered later.
+    js = client.nc.jetstream()
+    await eventually(lambda: _stream_empty(js, daemon.settings.stream), "the intent to go")
+    await asyncio.sleep(1)  # three drain intervals: time for a wrong second attempt
+    assert len(worker.spans) == 1
 
 
 async def _stream_empty(js: Any, stream: str) -> bool | None:
