@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("registryd")
 
 EXIT_BAD_SETTING = 2
+EMBEDDED_NATS_URL = "nats://127.0.0.1:4222"  # with --embedded, when the port is free
 
 
 def parser() -> argparse.ArgumentParser:
@@ -175,6 +176,14 @@ async def serve(settings: config.Settings) -> int:
             '\'{"name":"gpu-1","address":"10.0.0.5:50051"}\'\n  registryd call list',
             file=sys.stderr,
         )
+        if servers.nats.url != EMBEDDED_NATS_URL:
+            # The registryd commands find it from this directory; a Python
+            # client reads REGISTRY_NATS_URL, whose default is port 4222.
+            print(
+                f"(port 4222 was taken; for Python clients: "
+                f"export REGISTRY_NATS_URL={servers.nats.url})",
+                file=sys.stderr,
+            )
         return await app.run(settings)
     finally:
         await asyncio.to_thread(servers.stop)

@@ -23,6 +23,7 @@ from typing import Any
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.protocol.parser import PERMISSIONS_ERR
 
 from daemon import logs
 from infra.config import Settings, add_flags, nats_options
@@ -34,6 +35,7 @@ from registryd.agent import (
     load_node_key,
     node_key_path,
     parse_bytes,
+    served_models,
     vram_source,
 )
 from registryd.client import Registry
@@ -361,6 +363,11 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
         model = homeless[0]
         log.error("--model %s needs --address, or its own: --model %s=HOST:PORT", model, model)
         return 2
+    try:
+        served_models(args.model, args.address)
+    except ValueError as exc:
+        log.error("--model: %s", exc)
+        return 2
     vram = vram_source(args.available_vram, args.total_vram, args.vram_command)
     log.info("agent for %s: free VRAM from %s", args.name, vram.description)
 
@@ -431,7 +438,9 @@ async def agent_main(settings: Settings, args: argparse.Namespace) -> int:
                     )
             return EXIT_ERROR
         finally:
-            await registry.close()
+            # nats-py raises from close() when the server went away meanwhile.
+            with contextlib.suppress(ConnectionError):
+                await registry.close()
         return 0
     finally:
         stopped.cancel()
@@ -455,7 +464,16 @@ async def _connect(settings: Settings, name: str) -> Registry:
         nc_state["told"] = False
         log.info("NATS reconnected")
 
+    refused: set[str] = set()
+
     async def error(exc: Exception) -> None:
+        # A publish the agent's NATS user may not make (say registry.replica_set
+        # for --model) gets no reply: say why, once per subject.
+        if PERMISSIONS_ERR in str(exc).lower():
+            if str(exc) not in refused:
+                refused.add(str(exc))
+                log.warning("NATS refused: %s (the agent's NATS user lacks that right)", exc)
+            return
         # nats-py reports every failed attempt: log the first of an outage.
         if nc_state["up"] or nc_state.get("told"):
             log.debug("NATS: %s", exc or type(exc).__name__)

@@ -326,6 +326,8 @@ class Served:
 
 
 Models = Mapping[str, str | None] | Iterable[str | tuple[str, str | None]]
+MAX_MODEL_NAME = 255  # what `replica_set` accepts
+MAX_REPLICA_ADDRESS = 512
 
 
 def served_models(models: Models | None, address: str | None) -> tuple[Served, ...]:
@@ -340,10 +342,12 @@ def served_models(models: Models | None, address: str | None) -> tuple[Served, .
     for item in pairs:
         model, at = (item, None) if isinstance(item, str) else item
         at = at or address
-        if not model:
-            raise ValueError("a model needs a name")
+        if not 1 <= len(model) <= MAX_MODEL_NAME:
+            raise ValueError(f"a model's name is 1-{MAX_MODEL_NAME} characters: {model!r}")
         if not at:
             raise ValueError(f"model {model!r} has no address: give the node's or its own")
+        if len(at) > MAX_REPLICA_ADDRESS:
+            raise ValueError(f"the address of {model!r} is over {MAX_REPLICA_ADDRESS} characters")
         index = sum(1 for s in served if s.model == model)
         served.append(Served(model, index, at))
     return tuple(served)
@@ -398,7 +402,9 @@ class Agent:
 
     `models` are the models the worker serves (see `served_models`): after
     each registration they are recorded as loaded replicas, so that routers
-    find them once the node is healthy."""
+    find them once the node is healthy. `registered` is set at the first
+    registration, `serving` whenever all of them are recorded after the
+    latest (cleared by each registration until then)."""
 
     def __init__(
         self,
@@ -449,6 +455,8 @@ class Agent:
         self._heartbeats = Outage("heartbeat")
         self._registering = Outage("registration")
         self._serving = Outage("recording the served models")
+        self._unrecorded: list[Served] = []  # since the last registration
+        self.serving = asyncio.Event()  # every served model recorded since then
 
     @property
     def node_id(self) -> str | None:
@@ -470,6 +478,10 @@ class Agent:
                 if self.node is None:
                     await self._register()
                     continue
+                if not self.serving.is_set():
+                    await self._record_models()
+                    if self.node is None:  # deregistered meanwhile: register again
+                        continue
                 await self._beat()
                 if self.node is not None:  # else: forgotten, so register again now
                     await self._pause(self.interval)
@@ -508,9 +520,9 @@ class Agent:
             self.registrations += 1
             self._last_confirmed = time.monotonic()  # registering counts as being known
             log.info("registered %s as node %s, %s", self.name, node.id, node.status)
-            if not await self._serve_models(node):
-                self.node = None  # deregistered meanwhile: register again
-                continue
+            # The registration cleared the node's replicas: record them again.
+            self._unrecorded = list(self.models)
+            self.serving.clear()
             if node.status == "pending":
                 log.info(
                     "%s waits for approval (registryd approve %s); routers pick its "
@@ -521,37 +533,43 @@ class Agent:
             self.registered.set()
             return
 
-    async def _serve_models(self, node: Node) -> bool:
-        """Record the served models as loaded replicas of the node just
-        registered, retrying 503s; False when the registry no longer knows
-        the node. A registration cleared its replicas, so this follows each."""
-        backoff = Backoff(cap=max(self.interval, 1.0))
-        for served in self.models:
-            while not self._stopping.is_set():
-                try:
-                    await self.registry.replica_set(
-                        node.id,
-                        served.model,
-                        served.replica_index,
-                        state="loaded",
-                        address=served.address,
-                    )
-                except NotFound:
-                    return False
-                except Unavailable as exc:
-                    self._serving.failed(exc)
-                    await self._pause(backoff.next())
-                    continue
-                self._serving.ok()
-                log.info(
-                    "%s serves %s (replica %d) at %s",
-                    self.name,
+    async def _record_models(self) -> None:
+        """Record the served models not recorded since the last registration
+        as loaded replicas. A 503 or no reply leaves the rest for the next
+        heartbeat; a 404 (the node deregistered meanwhile) sets `node` to None."""
+        assert self.node is not None
+        while self._unrecorded and not self._stopping.is_set():
+            served = self._unrecorded[0]
+            try:
+                await self.registry.replica_set(
+                    self.node.id,
                     served.model,
                     served.replica_index,
-                    served.address,
+                    state="loaded",
+                    address=served.address,
                 )
-                break
-        return True
+            except NotFound:
+                log.warning(
+                    "the registry does not know node %s (deregistered); registering %s again",
+                    self.node.id,
+                    self.name,
+                )
+                self.node = None
+                return
+            except Unavailable as exc:
+                self._serving.failed(exc)
+                return
+            self._serving.ok()
+            self._unrecorded.pop(0)
+            log.info(
+                "%s serves %s (replica %d) at %s",
+                self.name,
+                served.model,
+                served.replica_index,
+                served.address,
+            )
+        if not self._unrecorded:
+            self.serving.set()
 
     async def _beat(self) -> None:
         assert self.node is not None

@@ -37,7 +37,7 @@ from registryd.agent import (
     served_models,
     vram_source,
 )
-from registryd.errors import NotFound
+from registryd.errors import NotFound, Timeout
 from tests.support import Registryd, connect, eventually
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
@@ -237,7 +237,7 @@ async def test_an_agent_serving_models_is_routed_to_once_approved(
         interval=FAST,
     )
     running = agents(agent)
-    await asyncio.wait_for(agent.registered.wait(), 10)
+    await asyncio.wait_for(agent.serving.wait(), 10)
     node_id = agent.node_id
     assert node_id is not None
     replica = await registry.replica_get(node_id, "qwen3-8b")
@@ -262,7 +262,7 @@ async def test_an_agent_serving_models_is_routed_to_once_approved(
         interval=FAST,
     )
     agents(again)
-    await asyncio.wait_for(again.registered.wait(), 10)
+    await asyncio.wait_for(again.serving.wait(), 10)
     assert again.node_id == node_id
     assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
 
@@ -280,7 +280,7 @@ async def test_an_agent_deregistered_registers_again_with_its_models(
         interval=FAST,
     )
     agents(agent)
-    await asyncio.wait_for(agent.registered.wait(), 10)
+    await asyncio.wait_for(agent.serving.wait(), 10)
     first = agent.node_id
     assert first is not None
     await registry.approve(first)
@@ -306,6 +306,35 @@ async def test_an_agent_deregistered_registers_again_with_its_models(
     assert await routed_to(registry, "qwen3-8b") == (second, "10.0.0.5:8000")
 
 
+class Unanswering(Registry):
+    """A registry whose replica_set gets no reply (as when the agent's NATS
+    user may not publish it) until `answer` is set."""
+
+    answer = False
+
+    async def replica_set(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.answer:
+            raise Timeout("no reply on registry.replica_set within 5s")
+        return await super().replica_set(*args, **kwargs)
+
+
+async def test_heartbeats_go_on_while_the_models_cannot_be_recorded(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Unanswering(nc, daemon.settings.subject_prefix)
+    agent = Agent(
+        registry, "gpu-1", address="a:1", models=["m"], vram=FixedVram(1, 2), interval=FAST
+    )
+    agents(agent)
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    await beats_after(agent, 3)  # the node stays fresh meanwhile
+    assert not agent.serving.is_set() and agent.registrations == 1
+    registry.answer = True  # retried at the next heartbeat
+    await asyncio.wait_for(agent.serving.wait(), 10)
+    assert agent.node_id is not None
+    assert (await registry.replica_get(agent.node_id, "m")).state == "loaded"
+
+
 def test_served_models() -> None:
     assert served_models(None, "a:1") == ()
     assert served_models(["m", ("n", "b:2"), "m"], "a:1") == (
@@ -319,6 +348,8 @@ def test_served_models() -> None:
     )
     with pytest.raises(ValueError, match="no address"):
         served_models(["m"], None)
+    with pytest.raises(ValueError, match="1-255 characters"):
+        served_models(["x" * 256], "a:1")
 
 
 class OwnNats:
