@@ -176,14 +176,6 @@ async def serve(settings: config.Settings) -> int:
             '\'{"name":"gpu-1","address":"10.0.0.5:50051"}\'\n  registryd call list',
             file=sys.stderr,
         )
-        if servers.nats.url != EMBEDDED_NATS_URL:
-            # The registryd commands find it from this directory; a Python
-            # client reads REGISTRY_NATS_URL, whose default is port 4222.
-            print(
-                f"(port 4222 was taken; for Python clients: "
-                f"export REGISTRY_NATS_URL={servers.nats.url})",
-                file=sys.stderr,
-            )
         return await app.run(settings)
     finally:
         await asyncio.to_thread(servers.stop)

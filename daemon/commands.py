@@ -297,14 +297,10 @@ class Unanswered(Exception):
 
 def embedded_daemon(settings: Settings, explicit: Mapping[str, Any]) -> Settings:
     """With no NATS URL given, a daemon started with --embedded from this
-    directory is the one the user means: its URL, when it runs."""
-    from daemon.embedded import running_nats_url
+    directory is the one the user means (daemon.embedded.found)."""
+    from daemon.embedded import found
 
-    if "nats_url" not in explicit and "REGISTRY_NATS_URL" not in os.environ:
-        url = running_nats_url(settings.state_dir)
-        if url:
-            return settings.model_copy(update={"nats_url": url})
-    return settings
+    return settings if "nats_url" in explicit else found(settings)
 
 
 @contextlib.asynccontextmanager

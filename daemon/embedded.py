@@ -22,7 +22,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from infra.config import Settings
 
 log = logging.getLogger("registryd.embedded")
 
@@ -158,6 +161,17 @@ def start(state_dir: Path) -> Embedded:
     state_file.write_text(json.dumps({"nats_url": nats.url, "pid": os.getpid()}))
     log.info("embedded NATS at %s, PostgreSQL in %s", nats.url, state_dir / "postgres")
     return Embedded(nats, postgres, state_file)
+
+
+def found(settings: Settings) -> Settings:
+    """`settings` with the NATS URL of a daemon started with --embedded from
+    their state directory, when one runs and REGISTRY_NATS_URL is not set:
+    the commands and the Python client find a newcomer's daemon this way."""
+    if "REGISTRY_NATS_URL" not in os.environ:
+        url = running_nats_url(settings.state_dir)
+        if url:
+            return settings.model_copy(update={"nats_url": url})
+    return settings
 
 
 def running_nats_url(state_dir: Path) -> str | None:

@@ -96,14 +96,17 @@ class Registry:
         **options: Any,
     ) -> Registry:
         """Connect with the daemon's settings (from the environment when not
-        given): the same NATS servers, credentials, TLS and subject prefix.
-        The connection reconnects for ever; `options` override any of
-        nats.connect's arguments."""
+        given): the same NATS servers, credentials, TLS and subject prefix,
+        and, like the registryd commands, a daemon started with --embedded
+        from this directory when REGISTRY_NATS_URL is not set. The connection
+        reconnects for ever; `options` override any of nats.connect's
+        arguments."""
+        from daemon.embedded import found
         from infra import config
         from infra.config import nats_options
 
         if settings is None:
-            settings = config.load()  # the REGISTRY_* environment
+            settings = found(config.load())  # the REGISTRY_* environment
         opts: dict[str, Any] = nats_options(settings) | {
             "name": name,
             "max_reconnect_attempts": -1,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
+from daemon import embedded
 from daemon.app import Daemon
 from registryd import (
     AuthRefs,
@@ -495,6 +500,29 @@ async def test_connect_with_the_daemons_own_settings(daemon: Daemon) -> None:
         node = await registry.register("gpu-1", address="a:1")
         assert (await registry.get(name="gpu-1")).id == node.id
     assert registry.nc.is_closed
+
+
+async def test_connect_finds_a_daemon_started_with_embedded_from_here(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # What `registryd --embedded` leaves in its state directory: the URL of its
+    # NATS (not on 4222 when that port was taken) and its pid, which runs. The
+    # URL names the host differently from the default, which might be the
+    # same server: only the state file can have told the client.
+    url = (
+        urlsplit(daemon.settings.nats_url)
+        ._replace(netloc=f"localhost:{urlsplit(daemon.settings.nats_url).port}")
+        .geturl()
+    )
+    (tmp_path / embedded.STATE_FILE).write_text(json.dumps({"nats_url": url, "pid": os.getpid()}))
+    monkeypatch.delenv("REGISTRY_NATS_URL", raising=False)
+    monkeypatch.setenv("REGISTRY_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("REGISTRY_SUBJECT_PREFIX", daemon.settings.subject_prefix)
+    async with await Registry.connect() as registry:
+        assert registry.nc.connected_url is not None
+        assert registry.nc.connected_url.netloc == urlsplit(url).netloc
+        await registry.register("gpu-1", address="a:1")
+        assert [n.name async for n in registry.nodes()] == ["gpu-1"]
 
 
 async def test_connect_reads_the_environment(
