@@ -80,7 +80,7 @@ async def table(bench: Bench) -> None:
         bench.db_url, server_settings={"plan_cache_mode": "force_generic_plan"}
     )
     try:
-        before = await measure(bench, sweeper, repeat)
+        before = await settled(bench, sweeper, repeat)
         sizes_before = await sizes(bench)
         stats_before = {t: await table_stats(bench, t) for t in ("nodes", "replicas")}
 
@@ -102,7 +102,7 @@ async def table(bench: Bench) -> None:
         updates = rounds * len(ids)
         stats_after = await settled_stats(bench, stats_before["nodes"]["n_tup_upd"] + updates)
         sizes_after = await sizes(bench)
-        after = await measure(bench, sweeper, repeat)
+        after = await settled(bench, sweeper, repeat)
     finally:
         await sweeper.close()
 
@@ -159,6 +159,21 @@ LABELS = {
 }
 
 
+async def settled(
+    bench: Bench, sweeper: asyncpg.Connection, repeat: int
+) -> dict[str, tuple[float, int]]:
+    """The best of three measurements 10 s apart. Right after the heartbeats
+    the machine is still busy with what they left (a run measured every read
+    1.5-1.9x slower at first and as fast as before 30 s later, with the same
+    buffers read), and another engineer's work comes and goes: the table is
+    what this section measures."""
+    passes = [await measure(bench, sweeper, repeat)]
+    for _ in range(2):
+        await asyncio.sleep(5 if bench.args.quick else 10)
+        passes.append(await measure(bench, sweeper, repeat))
+    return {k: (min(p[k][0] for p in passes), passes[-1][k][1]) for k in passes[0]}
+
+
 async def measure(
     bench: Bench, sweeper: asyncpg.Connection, repeat: int
 ) -> dict[str, tuple[float, int]]:
@@ -207,15 +222,32 @@ async def list_all(bench: Bench) -> float:
 
 
 async def buffers(conn: asyncpg.Connection, sql: str, *args: Any) -> int:
-    """Shared buffers the statement touches (hit or read), run and rolled back."""
+    """Shared buffers the statement touches (hit or read) with the plan the
+    daemon runs it with, the generic one: run and rolled back."""
+    await conn.execute(f"PREPARE bench_table AS {sql}")
     tx = conn.transaction()
     await tx.start()
     try:
-        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+        plan = await conn.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE bench_table"
+            f"({', '.join(map(literal, args))})"
+        )
     finally:
         await tx.rollback()
+        await conn.execute("DEALLOCATE bench_table")
     top = orjson.loads(plan)[0]["Plan"]
     return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
+
+
+def literal(value: Any) -> str:
+    """The SQL for one of the bench's own parameters (numbers, names, lists of them)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(map(literal, value))}]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
 
 
 async def list_buffers(conn: asyncpg.Connection) -> int:
