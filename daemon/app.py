@@ -90,7 +90,7 @@ class Daemon:
             intents=intents,
             heartbeats=self.heartbeats,
             batches=routing.Batches(self.db),
-            max_reply=self.nc.max_payload or 1024 * 1024,
+            payload_limit=functools.partial(payload_limit, self.nc),
         )
         self.service = RegistryService(self.nc, ctx, heartbeat_nc=self.heartbeat_nc)
         self._spawn("heartbeat-writer", self.heartbeats.run)
@@ -171,6 +171,10 @@ class Daemon:
         if self.db is not None:
             await self.db.close()
         log.info("stopped")
+
+
+def payload_limit(nc: NATS) -> int:
+    return nc.max_payload or 1024 * 1024
 
 
 async def run(settings: Settings) -> int:

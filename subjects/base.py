@@ -195,9 +195,14 @@ class Context:
     intents: IntentStore
     heartbeats: Heartbeats
     batches: Batches
-    # The largest reply body NATS carries on the request connection (its
-    # server's max_payload): a page of a list is cut to fit it.
-    max_reply: int = 1024 * 1024
+    # The largest reply body NATS carries on the request connection: the
+    # max_payload of the server it is on now, which a reconnect to another
+    # server of a cluster may change. A page of a list is cut to fit it.
+    payload_limit: Callable[[], int] = lambda: 1024 * 1024
+
+    @property
+    def max_reply(self) -> int:
+        return self.payload_limit()
 
 
 M = TypeVar("M", bound=Request)
