@@ -60,6 +60,9 @@ log = logging.getLogger("registryd.client")
 
 # Items per page when an iterator walks a list (the contract allows 1-10000).
 PAGE_SIZE = 1000
+# A routed block's release, tried over about 7 s of outage before the lease
+# is left to expire.
+RELEASE_TRIES = 8
 
 T = TypeVar("T")
 Labels = Mapping[str, str]
@@ -469,8 +472,9 @@ class Registry:
         """A router's request, as a block: pick a replica under a lease, keep
         the lease renewed while the block runs (every `renew_every` seconds, a
         third of `lease_s` by default), and give the unit back when it ends, by
-        return, exception or cancellation. If this process dies instead, the
-        lease expires and the daemon gives the unit back itself."""
+        return, exception or cancellation, trying again through a short outage.
+        If this process dies instead, the lease expires and the daemon gives
+        the unit back itself."""
         pick = await self.findlock(model, node_ids=node_ids, prefer=prefer, lease_s=lease_s)
         lease_id = pick.lease_id
         assert lease_id is not None, "findlock with lease_s returns a lease id"
@@ -503,6 +507,20 @@ class Registry:
                 log.warning("could not renew lease %s (%s); trying again", lease_id, exc.message)
 
     async def _release(self, lease_id: str) -> None:
+        # Through a short outage (the database failing over, a daemon
+        # restarting) it is tried again: a unit left to expire makes its
+        # replica look busier than it is for the rest of the lease.
+        wait = 0.1
+        for _ in range(RELEASE_TRIES - 1):
+            try:
+                await self.inflight_dec(lease_id=lease_id)
+                return
+            except Unavailable:
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 2.0)
+            except RegistryError as exc:
+                log.warning("could not release lease %s (%s)", lease_id, exc)
+                return
         try:
             await self.inflight_dec(lease_id=lease_id)
         except RegistryError as exc:

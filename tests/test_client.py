@@ -485,6 +485,33 @@ async def test_each_error_code_has_its_class(
         await silent.unsubscribe()
 
 
+async def test_routed_gives_the_unit_back_through_a_short_outage(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    nc: NATS,
+    database_url: str,
+    proxy: Proxy,
+) -> None:
+    daemon = await start_daemon(database_url=through(database_url, proxy.port), db_timeout=0.5)
+    registry = Registry(nc, daemon.settings.subject_prefix, timeout=5)
+    node = await healthy(registry, "gpu-1")
+    await registry.replica_set(node.id, "m", 0, state="loaded", address="a:2")
+    async with registry.routed("m", lease_s=60) as pick:
+        assert pick.replica.in_flight == 1
+        # The database goes as the block ends, for a second: the release gets
+        # 503s, and the end of the block waits while it is tried again.
+        proxy.cut()
+        asyncio.get_running_loop().call_later(1.0, proxy.restore)
+
+    async def given_back() -> bool | None:
+        try:
+            return (await registry.replica_get(node.id, "m", 0)).in_flight == 0 or None
+        except Unavailable:
+            return None  # the daemon's pool is still coming back
+
+    # Long before the lease's 60 s: the release went through.
+    await eventually(given_back, "the unit to be given back", within=5)
+
+
 def test_a_500_reply_is_internal_and_an_unknown_code_a_registry_error() -> None:
     body = b'{"error": {"code": 500, "status": "internal", "message": "request 1f2e failed"}}'
     err = from_reply({"Nats-Service-Error-Code": "500", "Nats-Service-Error": "x"}, body)
