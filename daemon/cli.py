@@ -40,9 +40,14 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="serve requests (the default)")
     commands.add_parser("migrate", parents=[common], help="apply schema.sql and exit")
+    # The worker agent, the admin commands, call and why are the daemon's
+    # clients: they take only the settings a client uses.
+    from daemon import commands as client_commands
+
+    client = client_commands.client_flags()
     call = commands.add_parser(
         "call",
-        parents=[common],
+        parents=[client],
         help="send one request and print the reply",
         description="Send one request to registry.OP and print the JSON reply "
         '(exit 0) or the error (exit 1). Example: registryd call get \'{"name":"gpu-1"}\'',
@@ -50,13 +55,10 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("op", help="operation, e.g. list, register, heartbeat.<node_id>")
     call.add_argument("body", nargs="?", default="{}", help="JSON request body ('-' for stdin)")
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
-    # The worker agent and the admin commands, built on the Python client.
-    from daemon import commands as client_commands
-
-    client_commands.add(commands, common)
+    client_commands.add(commands, client)
     why = commands.add_parser(
         "why",
-        parents=[common],
+        parents=[client],
         help="explain where a model can and cannot go",
         description="Ask registry.explain why MODEL can or cannot take a new replica on "
         "each node: print the summary and the nodes that cannot, with their reasons "

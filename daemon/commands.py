@@ -83,10 +83,11 @@ def _pair(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- the parser
 
 
-# The settings an agent uses: how to reach NATS, the subject prefix, the
-# registration token, logging, and where its node key lives. The daemon's
+# The settings a client of the daemon uses (call, why, the admin commands):
+# how to reach NATS, the subject prefix, logging, and the state directory
+# where a daemon started with --embedded leaves its NATS URL. The daemon's
 # others (database, stream, sweeps, ...) are not its business.
-AGENT_SETTINGS = (
+CLIENT_SETTINGS = (
     "nats_url",
     "nats_creds",
     "nats_nkey",
@@ -97,15 +98,25 @@ AGENT_SETTINGS = (
     "nats_tls_cert",
     "nats_tls_key",
     "subject_prefix",
-    "registration_token",
     "log_format",
     "log_level",
     "state_dir",
 )
+# An agent also registers, with the registration token; its node key lives
+# in the state directory.
+AGENT_SETTINGS = (*CLIENT_SETTINGS, "registration_token")
+
+
+def client_flags() -> argparse.ArgumentParser:
+    """A parent parser with the flags of CLIENT_SETTINGS."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_flags(parent, CLIENT_SETTINGS)
+    return parent
 
 
 def add(commands: Any, common: argparse.ArgumentParser) -> None:
-    """Add the client's subcommands to `registryd`'s subparsers."""
+    """Add the client's subcommands to `registryd`'s subparsers; `common`
+    holds the flags of CLIENT_SETTINGS."""
     agent_settings = argparse.ArgumentParser(add_help=False)
     add_flags(agent_settings, AGENT_SETTINGS)
     agent = commands.add_parser(

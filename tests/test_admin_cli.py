@@ -234,8 +234,11 @@ async def test_approve_drain_deregister(registry: Registry, run: Run) -> None:
     # Bad usage and bad settings are 2, as for every registryd command.
     assert (await run("approve"))[0] == 2
     assert (await run("nodes", "--status", "sleepy"))[0] == 2
+    code, _, err = await run("nodes", "--log-level=loud")
+    assert code == 2 and "REGISTRY_LOG_LEVEL" in err
+    # A setting of the daemon's, not a client's, is no flag of a command.
     code, _, err = await run("nodes", "--check-interval=-1")
-    assert code == 2 and "REGISTRY_CHECK_INTERVAL" in err
+    assert code == 2 and "unrecognized arguments: --check-interval" in err
     # No NATS there, and no daemon on that prefix: 1, and why.
     code, _, err = await run("nodes", "--nats-url=nats://127.0.0.1:1")
     assert code == 1 and err.startswith("registryd: cannot reach NATS at nats://127.0.0.1:1")

@@ -508,7 +508,10 @@ async def test_registryd_agent_with_a_model_is_routed_to_once_approved(
     assert "--model qwen3-8b needs --address" in homeless.output()
 
 
-def test_registryd_agent_help_shows_only_what_an_agent_uses() -> None:
+@pytest.mark.parametrize(
+    "command", ["agent", "call", "why", "nodes", "node", "models", "intents", "status", "approve"]
+)
+def test_a_client_commands_help_shows_only_what_a_client_uses(command: str) -> None:
     def help_of(*command: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "daemon", *command, "--help"],
@@ -518,13 +521,15 @@ def test_registryd_agent_help_shows_only_what_an_agent_uses() -> None:
         )
         return done.stdout
 
-    agent = help_of("agent")
+    shown = help_of(command)
     for unused in ("--database-url", "--stream", "--install-timeout", "--max-concurrency"):
-        assert unused not in agent
+        assert unused not in shown
     for used in ("--nats-url", "--nats-creds", "--nats-tls-cert", "--subject-prefix"):
-        assert used in agent
-    assert "--registration-token" in agent and "--state-dir" in agent and "--model" in agent
-    assert "--database-url" in help_of()  # the daemon's own flags stay
+        assert used in shown
+    assert "--state-dir" in shown  # where a daemon started with --embedded is found
+    if command == "agent":
+        assert "--registration-token" in shown and "--model" in shown
+    assert "--database-url" in help_of() and "--database-url" in help_of("serve")
 
 
 async def test_registryd_agent_with_a_wrong_token_exits_1(
