@@ -27,7 +27,7 @@ from daemon.nats_reads import enlarge_reads
 from daemon.sdnotify import Notifier
 from daemon.service import RegistryService
 from daemon.sweep import Sweep
-from infra import db
+from infra import db, tasks
 from infra.config import Settings, nats_options
 from infra.errors import Unavailable
 from infra.events import Events
@@ -154,9 +154,7 @@ class Daemon:
         log.info("stopping: finishing requests in progress")
         if self.service is not None:
             await self.service.stop(grace)
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await tasks.cancel(self._tasks.values())
         if self.delivery is not None:
             await self.delivery.stop()
         if self.heartbeats is not None:

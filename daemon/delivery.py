@@ -41,6 +41,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as RequestTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from infra import tasks
 from infra.config import Settings
 from infra.db import Database
 from infra.events import Events
@@ -151,9 +152,7 @@ class Delivery:
     async def stop(self) -> None:
         # Messages fetched but not handled go back to the consumer (unacked),
         # and an unsubscribed fetch leaves nothing for a NATS drain to wait on.
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await tasks.cancel(list(self._tasks))
         await self._drop_subscription()
 
     async def _handle_safely(self, msg: Msg) -> None:
