@@ -227,15 +227,19 @@ async def test_an_agent_serving_models_is_routed_to_once_approved(
     daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
 ) -> None:
     registry = Registry(nc, daemon.settings.subject_prefix)
-    models = ["qwen3-8b", ("llama-70b", "10.0.0.5:8001")]
-    agent = Agent(
-        registry,
-        "gpu-1",
-        address="10.0.0.5:8000",
-        models=models,
-        vram=FixedVram(1, 2),
-        interval=FAST,
-    )
+
+    def gpu_1() -> Agent:
+        models = ["qwen3-8b", ("llama-70b", "10.0.0.5:8001")]
+        return Agent(
+            registry,
+            "gpu-1",
+            address="10.0.0.5:8000",
+            models=models,
+            vram=FixedVram(1, 2),
+            interval=FAST,
+        )
+
+    agent = gpu_1()
     running = agents(agent)
     await asyncio.wait_for(agent.serving.wait(), 10)
     node_id = agent.node_id
@@ -253,14 +257,7 @@ async def test_an_agent_serving_models_is_routed_to_once_approved(
     # starting registers it again (approved: healthy) and records them again.
     await running.stop()
     await not_routed(registry, "qwen3-8b")
-    again = Agent(
-        registry,
-        "gpu-1",
-        address="10.0.0.5:8000",
-        models=models,
-        vram=FixedVram(1, 2),
-        interval=FAST,
-    )
+    again = gpu_1()
     agents(again)
     await asyncio.wait_for(again.serving.wait(), 10)
     assert again.node_id == node_id

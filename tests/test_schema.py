@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import orjson
@@ -28,16 +29,28 @@ async def test_a_current_schema_is_not_applied_again(pg: asyncpg.Connection) -> 
     assert await pg.fetchval("SELECT digest FROM registry_schema") == db.schema_digest()
 
 
+async def node_then_stopped(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+    then: str | None = None,
+) -> dict[str, Any]:
+    """An approved node, labelled (and `then` applied to it), in a database
+    whose daemon has stopped."""
+    first = await start_daemon()
+    client = await clients(first)
+    node = await client.healthy_node("gpu-1", labels={"zone": "a"})
+    if then is not None:
+        await client.call(then, node_id=node["id"])
+    await first.stop()
+    return node
+
+
 async def test_a_database_from_before_status_since_is_upgraded_and_keeps_its_nodes(
     pg: asyncpg.Connection,
     start_daemon: Callable[..., Awaitable[Daemon]],
     clients: Callable[[Daemon], Awaitable[Client]],
 ) -> None:
-    first = await start_daemon()
-    client = await clients(first)
-    node = await client.healthy_node("gpu-1", labels={"zone": "a"})
-    await client.call("offline", node_id=node["id"])
-    await first.stop()
+    node = await node_then_stopped(start_daemon, clients, then="offline")
     # The shape of a v1.2 database: no status_since, no digest kept.
     await pg.execute("ALTER TABLE nodes DROP COLUMN status_since")
     await pg.execute("DROP TABLE registry_schema")
@@ -62,10 +75,7 @@ async def test_a_database_with_full_node_pages_gets_room_for_heartbeats_and_keep
     start_daemon: Callable[..., Awaitable[Daemon]],
     clients: Callable[[Daemon], Awaitable[Client]],
 ) -> None:
-    first = await start_daemon()
-    client = await clients(first)
-    node = await client.healthy_node("gpu-1", labels={"zone": "a"})
-    await first.stop()
+    node = await node_then_stopped(start_daemon, clients)
     # A database from before the fillfactor: full pages, and its digest.
     await pg.execute("ALTER TABLE nodes RESET (fillfactor)")
     await pg.execute("UPDATE registry_schema SET digest = 'before the fillfactor'")
