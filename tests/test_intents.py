@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from daemon.app import Daemon
 from daemon.delivery import sanitize
 from infra.wire import NEXT_HEADER
-from tests.support import Client, Worker, connect, eventually, fails, next_for, until
+from tests.support import CallError, Client, Worker, connect, eventually, fails, next_for, until
 
 # Short intervals, so that retries and waits take fractions of a second.
 FAST = {
@@ -359,6 +359,37 @@ async def test_a_cancel_then_a_new_request_during_delivery_waits_for_the_attempt
     await fails(client.call("backend_op_cancel", id=first["id"]), 404)
     again = await client.call("backend_op", **op, galleries="v2")
     assert set(again) == WIRE_FIELDS and again["attempts"] == 0
+    assert [i["id"] for i in await intents(client)] == [first["id"]]
+    await _one_after_the_other(client, worker)
+
+
+# Slow: a worker that takes 1.5 s per install, twice.
+@pytest.mark.slow
+async def test_thirty_cancels_and_thirty_requests_at_once_during_delivery(
+    installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
+) -> None:
+    # The same cancel and the same request, 30 times each and all at once,
+    # while the worker installs: no 500, one intent left, never two installs.
+    _, client, node, worker = installing
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    first = await client.call("backend_op", **op, galleries="v1")
+    await eventually(lambda: _started(worker, 1), "the first install to start")
+
+    async def code_of(call: Awaitable[Any]) -> int:
+        try:
+            await call
+            return 200
+        except CallError as err:
+            return err.code
+
+    codes = await asyncio.gather(
+        *(code_of(client.call("backend_op_cancel", id=first["id"])) for _ in range(30))
+    )
+    assert set(codes) <= {200, 404} and 200 in codes, codes
+    codes = await asyncio.gather(
+        *(code_of(client.call("backend_op", **op, galleries="v2")) for _ in range(30))
+    )
+    assert set(codes) == {200}, codes
     assert [i["id"] for i in await intents(client)] == [first["id"]]
     await _one_after_the_other(client, worker)
 
