@@ -38,6 +38,7 @@ from nats.nuid import NUID
 from pydantic import ValidationError
 
 from daemon import __version__
+from daemon.nats_reads import unread
 from daemon.turns import Turns, Work
 from infra import wire
 from infra.errors import (
@@ -357,7 +358,7 @@ class RegistryService:
         limit = ctx.settings.max_concurrency
         # One requester may hold a quarter of the slots: a router process with
         # hundreds of requests in flight, while others still get theirs.
-        self._turns = Turns(limit, per_requester=max(1, limit // 4))
+        self._turns = Turns(limit, per_requester=max(1, limit // 4), unread=lambda: unread(nc))
         self.replies = Replies(ctx.settings.reply_prefix_list)
         self._health = Outage(
             log,

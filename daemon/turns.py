@@ -34,6 +34,8 @@ from daemon.nats_reads import READ_CHUNK
 log = logging.getLogger("registryd.turns")
 
 SLICE = 0.0005  # seconds of checking between two chances for others to run
+LARGE = 64 * 1024  # a body whose check takes long enough to read first
+CATCH_UP_TURNS = 100  # at most, before checking a large body
 
 Work = Callable[[], Coroutine[Any, Any, None]]
 
@@ -59,7 +61,9 @@ class Turns:
         per_requester: int,
         backlog: int = 100_000,
         backlog_bytes: int = 16 * 1024 * 1024,
+        unread: Callable[[], int] = lambda: 0,
     ) -> None:
+        self._unread = unread  # bytes the kernel holds, not yet read by nats-py
         self._limit = limit
         self._per_requester = per_requester
         self._backlog = backlog
@@ -145,13 +149,15 @@ class Turns:
                 await self._wake.wait()
                 continue
             requester, endpoint, msg = turn
+            if len(msg.data) >= LARGE:
+                await self._read_first()
             try:
                 work = await endpoint.begin(msg)
             except Exception:  # begin answers what it can; never lose the loop
                 log.exception("could not start a request")
                 work = None
             if work is not None:
-                self._run(requester, work)
+                self._run(requester, work, large=len(msg.data) >= LARGE)
             # While handlers run, let their continuations in after every
             # request, so a flood of checks does not stretch their latency.
             # Otherwise yield every half millisecond: yielding after each would
@@ -159,18 +165,32 @@ class Turns:
             if self._tasks or time.perf_counter() - sliced > SLICE:
                 await asyncio.sleep(0)
                 sliced = time.perf_counter()
-            # nats-py reads at most READ_CHUNK bytes from the socket each time
-            # the loop comes round. Checking a large body takes longer than
-            # reading it, so after one we come round twice per chunk it held
-            # (once for the reader, once for whatever else is ready): reading
-            # then keeps pace with a burst of large requests, and nats-server
-            # does not cut the daemon off as a slow consumer.
-            for _ in range(2 * len(msg.data) // READ_CHUNK):
-                await asyncio.sleep(0)
 
-    def _run(self, requester: str, work: Work) -> None:
+    async def _read_first(self) -> None:
+        # Checking a large body holds the loop for milliseconds, and nats-py
+        # reads the socket only when the loop comes round. While a burst of
+        # large requests keeps arriving, checking each as it comes would let
+        # the unread bytes pile up in the kernel and then in nats-server,
+        # which cuts the daemon off as a slow consumer past its max_pending.
+        # So the socket is read first: we come round until what the kernel
+        # holds is under a chunk (bounded, so a steady stream of small
+        # requests cannot hold a large one back for long). What is read but
+        # cannot be checked in time is refused unread (503) by `submit`.
+        for _ in range(CATCH_UP_TURNS):
+            if self._unread() < READ_CHUNK:
+                return
+            await asyncio.sleep(0)
+
+    async def _read_first_then(self, work: Work) -> None:
+        # A large request's handling costs in proportion (a findlock over
+        # 10,000 node ids sorts and sends them all), and many can be ready in
+        # one turn of the loop: they too let the reader at the socket first.
+        await self._read_first()
+        await work()
+
+    def _run(self, requester: str, work: Work, large: bool) -> None:
         self._running[requester] = self._running.get(requester, 0) + 1
-        task = asyncio.create_task(work(), name="request")
+        task = asyncio.create_task(self._read_first_then(work) if large else work(), name="request")
         self._tasks.add(task)
 
         def done(_: asyncio.Task[None]) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from daemon.turns import Turns, Work, requester_of
+from daemon.nats_reads import READ_CHUNK
+from daemon.turns import CATCH_UP_TURNS, LARGE, Turns, Work, requester_of
 
 
 def msg(requester: str, n: int) -> Msg:
@@ -127,4 +128,57 @@ async def test_a_failing_begin_does_not_stop_the_turns() -> None:
     await started(turns, endpoint, msg("_INBOX.r", 0), msg("_INBOX.r", 1))
     await turns.wait_idle()
     assert endpoint.begun == ["_INBOX.r.1"]
+    await turns.stop()
+
+
+class Socket:
+    """What the kernel holds unread for the connection: `backlog` bytes for
+    the first `for_calls` times it is asked, then nothing."""
+
+    def __init__(self, backlog: int, for_calls: int) -> None:
+        self.backlog, self.for_calls, self.calls = backlog, for_calls, 0
+
+    def unread(self) -> int:
+        self.calls += 1
+        return self.backlog if self.calls <= self.for_calls else 0
+
+
+def large(requester: str, n: int) -> Msg:
+    return Msg(_client=None, subject="p.op", reply=f"{requester}.{n}", data=b"x" * LARGE)  # type: ignore[arg-type]
+
+
+async def test_a_large_request_waits_for_the_socket_to_be_read_first() -> None:
+    socket = Socket(backlog=2 * READ_CHUNK, for_calls=5)
+    turns, endpoint = Turns(limit=10, per_requester=10, unread=socket.unread), Recorder()
+    asked_when_begun: list[int] = []
+    begin = endpoint.begin
+
+    async def recording_begin(m: Msg) -> Work | None:
+        asked_when_begun.append(socket.calls)
+        return await begin(m)
+
+    endpoint.begin = recording_begin  # type: ignore[method-assign]
+    endpoint.release.set()
+    turns.start()
+    # A small request does not ask the socket at all.
+    await started(turns, endpoint, msg("_INBOX.r", 0))
+    assert asked_when_begun == [0]
+    # A large one is checked only once the backlog is read (the sixth answer);
+    # its handling asks once more before it runs.
+    await started(turns, endpoint, large("_INBOX.r", 1))
+    await turns.wait_idle()
+    assert asked_when_begun == [0, 6] and socket.calls == 7
+    await turns.stop()
+
+
+async def test_a_socket_that_never_empties_delays_a_large_request_only_so_long() -> None:
+    socket = Socket(backlog=2 * READ_CHUNK, for_calls=10**9)
+    turns, endpoint = Turns(limit=10, per_requester=10, unread=socket.unread), Recorder()
+    endpoint.release.set()
+    turns.start()
+    await turns.submit(endpoint, large("_INBOX.r", 0))
+    await turns.wait_idle()
+    # Checked and handled all the same, after a bounded number of turns each.
+    assert endpoint.begun == ["_INBOX.r.0"] and not endpoint.running
+    assert socket.calls == 2 * CATCH_UP_TURNS
     await turns.stop()
