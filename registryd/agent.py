@@ -549,12 +549,7 @@ class Agent:
                     address=served.address,
                 )
             except NotFound:
-                log.warning(
-                    "the registry does not know node %s (deregistered); registering %s again",
-                    self.node.id,
-                    self.name,
-                )
-                self.node = None
+                self._forgotten()
                 return
             except Unavailable as exc:
                 self._serving.failed(exc)
@@ -571,6 +566,17 @@ class Agent:
         if not self._unrecorded:
             self.serving.set()
 
+    def _forgotten(self) -> None:
+        """The registry answered 404 for our node: register again from scratch."""
+        assert self.node is not None
+        log.warning(
+            "the registry does not know node %s (deregistered, or its database was "
+            "rebuilt); registering %s again",
+            self.node.id,
+            self.name,
+        )
+        self.node = None
+
     async def _beat(self) -> None:
         assert self.node is not None
         reading = await self.vram.read()
@@ -584,13 +590,7 @@ class Agent:
         try:
             await self.registry.heartbeat(self.node.id, **fields, wait=confirm)
         except NotFound:
-            log.warning(
-                "the registry does not know node %s (deregistered, or its database was "
-                "rebuilt); registering %s again",
-                self.node.id,
-                self.name,
-            )
-            self.node = None
+            self._forgotten()
             return
         except Unavailable as exc:
             self._heartbeats.failed(exc)

@@ -320,15 +320,24 @@ async def installing(
 async def test_a_reissue_during_delivery_waits_for_the_attempt_to_end(
     installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
 ) -> None:
-    _, client, node, worker = installing
-    op = {"node_id": node["id"], "backend": "b", "op": "install"}
-    await client.call("backend_op", **op, galleries="v1")
-    await eventually(lambda: _started(worker, 1), "the first install to start")
+    client, worker, op, _ = await _installing_v1(installing)
     again = await client.call("backend_op", **op, galleries="v2")
     # The daemon's bookkeeping stays off the wire, in the reply and the list.
     assert set(again) == WIRE_FIELDS
     assert [set(i) for i in await intents(client)] == [WIRE_FIELDS]
     await _one_after_the_other(client, worker)
+
+
+async def _installing_v1(
+    installing: tuple[Daemon, Client, dict[str, Any], SlowWorker],
+) -> tuple[Client, SlowWorker, dict[str, Any], dict[str, Any]]:
+    """Asks for an install of backend "b" (galleries v1) and waits until the
+    worker is running it: the client, the worker, the op's fields, the intent."""
+    _, client, node, worker = installing
+    op = {"node_id": node["id"], "backend": "b", "op": "install"}
+    first = await client.call("backend_op", **op, galleries="v1")
+    await eventually(lambda: _started(worker, 1), "the first install to start")
+    return client, worker, op, first
 
 
 async def _one_after_the_other(client: Client, worker: SlowWorker) -> None:
@@ -348,10 +357,7 @@ async def test_a_cancel_then_a_new_request_during_delivery_waits_for_the_attempt
 ) -> None:
     # Cancelling the intent being delivered, then asking for it again, must
     # not hand the worker a second install beside the one it is running.
-    _, client, node, worker = installing
-    op = {"node_id": node["id"], "backend": "b", "op": "install"}
-    first = await client.call("backend_op", **op, galleries="v1")
-    await eventually(lambda: _started(worker, 1), "the first install to start")
+    client, worker, op, first = await _installing_v1(installing)
     assert await client.call("backend_op_cancel", id=first["id"]) == {}
     # Gone from every view at once, and not cancellable twice.
     assert await intents(client, dead=True) == []
@@ -370,10 +376,7 @@ async def test_thirty_cancels_and_thirty_requests_at_once_during_delivery(
 ) -> None:
     # The same cancel and the same request, 30 times each and all at once,
     # while the worker installs: no 500, one intent left, never two installs.
-    _, client, node, worker = installing
-    op = {"node_id": node["id"], "backend": "b", "op": "install"}
-    first = await client.call("backend_op", **op, galleries="v1")
-    await eventually(lambda: _started(worker, 1), "the first install to start")
+    client, worker, op, first = await _installing_v1(installing)
 
     async def code_of(call: Awaitable[Any]) -> int:
         try:
