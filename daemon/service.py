@@ -210,6 +210,9 @@ class RegistryEndpoint:
             "metadata": metadata,
         }
 
+    def data(self) -> dict[str, Any] | None:
+        return None if self._op.data is None else self._op.data(self._ctx)
+
     async def start(self) -> None:
         self._subscription = await self._client.subscribe(
             self.subject,
@@ -450,7 +453,7 @@ class RegistryService:
                     "subject": e.subject,
                     "queue_group": QUEUE_GROUP,
                     **e.stats.as_dict(),
-                    "data": None,
+                    "data": e.data(),
                 }
                 for e in self.endpoints
             ],

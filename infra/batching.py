@@ -15,11 +15,32 @@ per node set) drops it then, and holds only those with work in flight.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """What an operation's writes carried, for `$SRV.STATS`: few requests a
+    write means little company to gather; writes that take long, a busy
+    database. Several coalescers may share one (findlock's, one per node set)."""
+
+    writes: int = 0
+    items: int = 0
+    write_time: int = 0  # nanoseconds, all writes together
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "writes": self.writes,
+            "batched_requests": self.items,
+            "write_time": self.write_time,
+            "average_batch": round(self.items / self.writes, 2) if self.writes else 0,
+        }
 
 
 class Coalescer(Generic[T, R]):
@@ -31,7 +52,9 @@ class Coalescer(Generic[T, R]):
         name: str,
         max_batch: int = 256,
         on_idle: Callable[[], None] | None = None,
+        stats: BatchStats | None = None,
     ) -> None:
+        self.stats = BatchStats() if stats is None else stats
         self._write = write
         self._name = name
         self._max = max_batch
@@ -75,6 +98,7 @@ class Coalescer(Generic[T, R]):
     async def _write_some(self) -> None:
         assert self._queue is not None
         batch, self._queue[:] = self._queue[: self._max], self._queue[self._max :]
+        started = time.perf_counter_ns()
         try:
             results = await self._write([item for item, _ in batch])
         except BaseException as exc:
@@ -84,6 +108,10 @@ class Coalescer(Generic[T, R]):
             if isinstance(exc, Exception):
                 return
             raise
+        finally:
+            self.stats.writes += 1
+            self.stats.items += len(batch)
+            self.stats.write_time += time.perf_counter_ns() - started
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

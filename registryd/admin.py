@@ -401,6 +401,10 @@ class Endpoint:
     errors: int
     average_s: float
     processing_s: float
+    # findlock's and inflight_dec's coalesced writes (their `data` in STATS).
+    writes: int = 0
+    batched: int = 0
+    write_s: float = 0.0
 
 
 @dataclass
@@ -498,16 +502,21 @@ def _instance(stats: dict[str, Any]) -> Instance:
             started = datetime.fromisoformat(str(stats["started"]).replace("Z", "+00:00"))
         except ValueError:
             started = None
-    endpoints = [
-        Endpoint(
-            name=str(e.get("name", "")),
-            requests=int(e.get("num_requests", 0)),
-            errors=int(e.get("num_errors", 0)),
-            average_s=int(e.get("average_processing_time", 0)) / 1e9,
-            processing_s=int(e.get("processing_time", 0)) / 1e9,
+    endpoints = []
+    for e in stats.get("endpoints") or []:
+        data = e.get("data") if isinstance(e.get("data"), dict) else {}
+        endpoints.append(
+            Endpoint(
+                name=str(e.get("name", "")),
+                requests=int(e.get("num_requests", 0)),
+                errors=int(e.get("num_errors", 0)),
+                average_s=int(e.get("average_processing_time", 0)) / 1e9,
+                processing_s=int(e.get("processing_time", 0)) / 1e9,
+                writes=int(data.get("writes", 0)),
+                batched=int(data.get("batched_requests", 0)),
+                write_s=int(data.get("write_time", 0)) / 1e9,
+            )
         )
-        for e in stats.get("endpoints") or []
-    ]
     return Instance(str(stats.get("id", "?")), str(stats.get("version", "?")), started, endpoints)
 
 
@@ -543,10 +552,16 @@ def status_text(snap: Snapshot, colour: bool, top: int = 3) -> Iterator[str]:
             f"{plural(inst.requests, 'request')}  {plural(inst.errors, 'error')}"
         )
         busiest = sorted(inst.endpoints, key=lambda e: -e.requests)[:top]
-        table = Table(("", "", ""), right=frozenset({1}))
+        table = Table(("", "", "", ""), right=frozenset({1}))
         for e in busiest:
             if e.requests:
-                table.add(e.name, f"{e.requests:,}", f"avg {e.average_s * 1000:.2f} ms")
+                batches = ""
+                if e.writes:
+                    batches = (
+                        f"{e.batched / e.writes:.1f} a statement, "
+                        f"avg {e.write_s / e.writes * 1000:.2f} ms each"
+                    )
+                table.add(e.name, f"{e.requests:,}", f"avg {e.average_s * 1000:.2f} ms", batches)
         yield from ("      " + line for line in list(table.render(None, colour))[1:])
     total = sum(snap.nodes.values())
     parts = []
@@ -596,16 +611,22 @@ class SnapshotCollector(Collector):
         uptime = GaugeMetricFamily(
             "registryd_instance_uptime_seconds", "Since the instance started", labels=["instance"]
         )
-        requests = CounterMetricFamily(
-            "registryd_requests", "Requests by endpoint", labels=["instance", "endpoint"]
+
+        def per_endpoint(name: str, documentation: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, documentation, labels=["instance", "endpoint"])
+
+        requests = per_endpoint("registryd_requests", "Requests by endpoint")
+        errors = per_endpoint("registryd_request_errors", "Error replies by endpoint")
+        busy = per_endpoint(
+            "registryd_request_processing_seconds", "Time spent handling requests, by endpoint"
         )
-        errors = CounterMetricFamily(
-            "registryd_request_errors", "Error replies by endpoint", labels=["instance", "endpoint"]
+        writes = per_endpoint(
+            "registryd_batch_writes",
+            "Statements that carried several requests together (findlock, inflight_dec)",
         )
-        busy = CounterMetricFamily(
-            "registryd_request_processing_seconds",
-            "Time spent handling requests, by endpoint",
-            labels=["instance", "endpoint"],
+        batched = per_endpoint("registryd_batched_requests", "Requests those statements carried")
+        write_time = per_endpoint(
+            "registryd_batch_write_seconds", "Time those statements took, commit included"
         )
         for inst in snap.instances:
             info.add_metric([inst.id, inst.version], 1)
@@ -616,7 +637,11 @@ class SnapshotCollector(Collector):
                 requests.add_metric([inst.id, e.name], e.requests)
                 errors.add_metric([inst.id, e.name], e.errors)
                 busy.add_metric([inst.id, e.name], e.processing_s)
-        yield from (info, uptime, requests, errors, busy)
+                if e.writes:
+                    writes.add_metric([inst.id, e.name], e.writes)
+                    batched.add_metric([inst.id, e.name], e.batched)
+                    write_time.add_metric([inst.id, e.name], e.write_s)
+        yield from (info, uptime, requests, errors, busy, writes, batched, write_time)
         nodes = GaugeMetricFamily("registryd_nodes", "Nodes by status", labels=["status"])
         for status_, count in snap.nodes.items():
             nodes.add_metric([status_], count)

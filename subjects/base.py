@@ -228,6 +228,8 @@ class Operation(Generic[M]):
     # endpoints may share a verb (registry.offline for admins and
     # registry.offline.<node_id> for a worker itself), never a name.
     subject: str | None = None
+    # The endpoint's `data` in `$SRV.STATS`: figures of its own, if it keeps any.
+    data: Callable[[Context], dict[str, Any]] | None = None
 
     @property
     def verb(self) -> str:
@@ -249,6 +251,7 @@ class Group:
         reply_field: str | None = None,
         inline: bool = False,
         subject: str | None = None,
+        data: Callable[[Context], dict[str, Any]] | None = None,
     ) -> Callable[[Handler[M]], Handler[M]]:
         def register(handler: Handler[M]) -> Handler[M]:
             doc = (handler.__doc__ or "").strip().splitlines()
@@ -263,6 +266,7 @@ class Group:
                     description,
                     inline,
                     subject,
+                    data,
                 )
             )
             return handler

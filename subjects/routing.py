@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
-from infra.batching import Coalescer
+from infra.batching import BatchStats, Coalescer
 from infra.db import Database
 from infra.errors import BadRequest, NotFound
 from subjects.base import (
@@ -219,6 +219,7 @@ class Picks:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._by_nodes: dict[tuple[str, ...], Coalescer[Pick, dict[str, Any] | None]] = {}
+        self.stats = BatchStats()  # every node set's, together
 
     async def pick(
         self, model: str, node_ids: Sequence[str], lease_s: float | None
@@ -239,6 +240,7 @@ class Picks:
             name="findlock",
             max_batch=MAX_BATCH,
             on_idle=forget,
+            stats=self.stats,
         )
         return batch
 
@@ -270,7 +272,7 @@ class Picks:
         return placed
 
 
-@group.op("findlock", FindLockRequest)
+@group.op("findlock", FindLockRequest, data=lambda ctx: ctx.batches.picks.stats.as_dict())
 async def findlock(ctx: Context, req: FindLockRequest) -> Any:
     """Pick the best loaded replica of a model and count one request in flight on it."""
     if req.prefer is None:
@@ -361,7 +363,9 @@ class InflightDecRequest(Request):
     replica_index: ReplicaIndex = 0
 
 
-@group.op("inflight_dec", InflightDecRequest)
+@group.op(
+    "inflight_dec", InflightDecRequest, data=lambda ctx: ctx.batches.decrements.stats.as_dict()
+)
 async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
     """A request on a replica finished, by replica or by lease (never below zero)."""
     if req.lease_id is not None:

@@ -13,6 +13,7 @@ import struct
 import sys
 import termios
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import cli as registryd_cli
 from daemon.app import Daemon
-from registryd import Registry, TooLarge
+from registryd import Registry, TooLarge, admin
 from tests.support import connect, eventually
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
@@ -267,6 +268,10 @@ async def test_status_and_metrics_of_two_instances(
     assert status["replicas_loaded"] == 2 and status["in_flight"] == 1
     assert status["intents"] == {"pending": 1, "dead": 0}
     assert 0 <= status["oldest_healthy_heartbeat_s"] < 60
+    # cluster()'s one findlock went to the database as one batched write.
+    findlocks = [e for i in status["instances"] for e in i["endpoints"] if e["name"] == "findlock"]
+    assert sum(e["batched"] for e in findlocks) == 1 and sum(e["writes"] for e in findlocks) == 1
+    assert sum(e["write_s"] for e in findlocks) > 0
 
     code, out, _ = await run("status", "--wait=0.3")
     text = out.splitlines()
@@ -289,10 +294,43 @@ async def test_status_and_metrics_of_two_instances(
     assert any(
         name == "registryd_requests_total" and value > 0 for (name, _), value in samples.items()
     )
+    batched = {
+        dict(labels)["endpoint"]: value
+        for (name, labels), value in samples.items()
+        if name == "registryd_batched_requests_total"
+    }
+    assert batched == {"findlock": 1}
 
     prom = tmp_path / "registryd.prom"
     code, out, _ = await run("metrics", "--wait=0.3", f"--output={prom}")
     assert code == 0 and out == "" and "registryd_instances 2.0" in prom.read_text()
+
+
+def test_status_says_how_many_requests_a_batched_statement_carried() -> None:
+    taken = datetime.now(UTC)
+    endpoints = [
+        admin.Endpoint("findlock", 900, 0, 0.002, 1.8, writes=100, batched=880, write_s=0.15),
+        admin.Endpoint("get", 50, 1, 0.001, 0.05),
+    ]
+    snap = admin.Snapshot(
+        taken, "registry", [admin.Instance("i1", "1", taken, endpoints)], {}, 0, 0, 0, 0, None
+    )
+    lines = [line.split() for line in admin.status_text(snap, colour=False)]
+    assert [
+        "findlock",
+        "900",
+        "avg",
+        "2.00",
+        "ms",
+        "8.8",
+        "a",
+        "statement,",
+        "avg",
+        "1.50",
+        "ms",
+        "each",
+    ] in lines
+    assert ["get", "50", "avg", "1.00", "ms"] in lines
 
 
 async def test_ten_thousand_nodes_print_page_by_page(

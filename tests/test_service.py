@@ -102,3 +102,29 @@ async def test_slow_requests_on_one_endpoint_overlap(
         await blocker.close()
     statuses = dict(await pg.fetch("SELECT name, status FROM nodes"))
     assert statuses == {"gpu-a": "offline", "gpu-b": "offline"}
+
+
+async def test_stats_show_how_many_requests_each_batched_write_carried(
+    client: Client, daemon: Daemon
+) -> None:
+    # An operator's view of the coalescing: routers' picks and releases that
+    # arrive together go to PostgreSQL as fewer statements.
+    node = await client.healthy_node("gpu-a")
+    await client.replica(node)
+    picks = await asyncio.gather(*(client.call("findlock", model="m") for _ in range(20)))
+    await asyncio.gather(
+        *(
+            client.call("inflight_dec", node_id=node["id"], model="m", replica_index=0)
+            for _ in picks
+        )
+    )
+    stats = {e["name"]: e for e in (await srv(client, "STATS", daemon))["endpoints"]}
+    for name in ("findlock", "inflight_dec"):
+        data = stats[name]["data"]
+        assert data["batched_requests"] == 20, name
+        assert 1 <= data["writes"] < 20, name
+        assert data["average_batch"] == round(20 / data["writes"], 2)
+        assert 0 < data["write_time"] <= stats[name]["processing_time"]
+    assert stats["list"]["data"] is None  # no batches there
+    row = await client.call("replica_get", node_id=node["id"], model="m")
+    assert row["in_flight"] == 0
