@@ -79,14 +79,16 @@ HEARTBEAT_ONE = """
 
 
 class Usage:
-    """CPU of each party to a run (% of one core) and PostgreSQL's commits/s.
+    """CPU of each party to a run (% of one core), and of the whole machine.
 
     Says what bounds throughput: the daemon is one thread, so near 100% it is
-    the bound; near the machine's cores in all, the machine is."""
+    the bound; near the machine's cores in all, the machine is. (PostgreSQL's
+    own commit counter is no help here: a backend reports it up to 10 s late,
+    so one run's commits land in the next; the daemon's STATS count its
+    statements instead.)"""
 
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
-        self.groups: dict[str, list[psutil.Process]] = {}
 
     def _find(self) -> dict[str, list[psutil.Process]]:
         daemon = psutil.Process(self.bench.daemon.pid)
@@ -115,18 +117,8 @@ class Usage:
             out[proc.pid] = times.user + times.system
         return out
 
-    async def _commits(self) -> int:
-        async with self.bench.pool.acquire() as conn:
-            return int(
-                await conn.fetchval(
-                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-                )
-            )
-
     async def __aenter__(self) -> Usage:
-        self.groups = self._find()
-        self.before = {name: self._cpu(procs) for name, procs in self.groups.items()}
-        self.commits = await self._commits()
+        self.before = {name: self._cpu(procs) for name, procs in self._find().items()}
         self.machine = psutil.cpu_times()
         self.started = time.monotonic()
         return self
@@ -138,20 +130,23 @@ class Usage:
             sum(machine) - machine.idle - (sum(self.machine) - self.machine.idle)
         ) / self.elapsed
         self.share: dict[str, float] = {}
-        for name, procs in self.groups.items():
+        # Found again: a pool that grows during the run starts PostgreSQL
+        # backends, whose time all falls within it.
+        for name, procs in self._find().items():
             after = self._cpu(procs)
-            used = sum(t - self.before[name].get(pid, t) for pid, t in after.items())
+            used = sum(t - self.before[name].get(pid, 0.0) for pid, t in after.items())
             self.share[name] = used / self.elapsed
-        await asyncio.sleep(0.6)  # PostgreSQL reports commits at most every 0.5 s
-        self.commit_rate = (await self._commits() - self.commits) / self.elapsed
+
+    def per_pair(self, rate: float) -> str:
+        """Each party's CPU for one pair, in microseconds."""
+        return ", ".join(
+            f"{name} {share / rate * 1e6:.0f}" for name, share in self.share.items() if share
+        )
 
     def summary(self) -> str:
         parts = ", ".join(f"{name} {share:.0%}" for name, share in self.share.items())
         cores = psutil.cpu_count() or 1
-        return (
-            f"CPU (of one core): {parts}; machine {self.busy:.0%} of {cores * 100}%; "
-            f"{self.commit_rate:,.0f} commits/s"
-        )
+        return f"CPU (of one core): {parts}; machine {self.busy:.0%} of {cores * 100}%"
 
 
 class Bench:
@@ -160,6 +155,7 @@ class Bench:
         self.rows: list[tuple[str, str, str, str]] = []
         self.prefix = f"bench{uuid.uuid4().hex[:6]}"
         self.cut_off = False  # nats-server disconnected the daemon under the heartbeat flood
+        self._service_id: str | None = None
 
     def report(self, what: str, value: str, baseline: str, ratio: str) -> None:
         self.rows.append((what, value, baseline, ratio))
@@ -221,6 +217,7 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+        await self.service_id()
 
     async def teardown(self) -> None:
         self.daemon.terminate()
@@ -236,6 +233,38 @@ class Bench:
         await admin.close()
         for server in self.servers:
             server.stop()
+
+    async def service_id(self) -> str:
+        """Our daemon's service id: other daemons named `registry` may share the server."""
+        if self._service_id is not None:
+            return self._service_id
+        inbox = self.nc.new_inbox()
+        found: list[str] = []
+        ours = asyncio.Event()
+
+        async def on_info(msg: Any) -> None:
+            info = orjson.loads(msg.data)
+            subjects = [e.get("subject", "") for e in info.get("endpoints", [])]
+            if any(s.startswith(f"{self.prefix}.") for s in subjects):
+                found.append(info["id"])
+                ours.set()
+
+        sub = await self.nc.subscribe(inbox, cb=on_info)
+        await self.nc.publish("$SRV.INFO.registry", b"", reply=inbox)
+        try:
+            await asyncio.wait_for(ours.wait(), 10)
+        except TimeoutError:
+            raise RuntimeError("the daemon's service did not answer $SRV.INFO.registry") from None
+        finally:
+            await sub.unsubscribe()
+        self._service_id = found[0]
+        return self._service_id
+
+    async def endpoint_stats(self, timeout: float = 10) -> dict[str, dict[str, Any]]:
+        """Our daemon's `$SRV.STATS`, by endpoint name."""
+        subject = f"$SRV.STATS.registry.{await self.service_id()}"
+        msg = await self.nc.request(subject, b"", timeout=timeout)
+        return {e["name"]: e for e in orjson.loads(msg.data)["endpoints"]}
 
     async def call(self, op: str, **body: Any) -> Any:
         # The client's raw call: the parsed reply, an error reply raised as
@@ -330,10 +359,13 @@ class Bench:
         many = [f"many{m}" for m in range(1, 201)]
         for label, models in (("4 replicas of one model", one), ("200 models", many)):
             await self.reset_counters()
-            a64, _ = await self.run_pairs(self.pair_a, models, 64, seconds)
+            async with Usage(self) as usage_a:
+                a64, _ = await self.run_pairs(self.pair_a, models, 64, seconds)
             await self.reset_counters()
+            before = await self.endpoint_stats()
             async with Usage(self) as usage:
                 d64, _ = await self.run_pairs(self.pair_daemon, models, 64, seconds)
+            after = await self.endpoint_stats()
             self.report(
                 f"64 routers, {label}",
                 f"{d64:,.0f} pairs/s",
@@ -341,6 +373,24 @@ class Bench:
                 f"{d64 / a64:.2f}x A (target >= 4x)",
             )
             self.report(f"64 routers, {label}: where the time went", usage.summary(), "-", "-")
+            self.report(
+                f"64 routers, {label}: the daemon's statements",
+                batching(before, after, usage.elapsed),
+                "-",
+                "-",
+            )
+            # The machine's CPU is shared by every party here; what each pair
+            # costs it, against A's, says how far 4x A is from what it has.
+            cores = psutil.cpu_count() or 1
+            others = usage.busy - usage.share["daemon"]
+            self.report(
+                f"64 routers, {label}: machine CPU per pair",
+                f"{usage.busy / d64 * 1e6:.0f} us ({usage.per_pair(d64)})",
+                f"A {usage_a.busy / a64 * 1e6:.0f} us ({usage_a.per_pair(a64)})",
+                f"at 4x A this path would need {usage.busy / d64 * 4 * a64:.0%} "
+                f"of the machine's {cores * 100}%, {others / d64 * 4 * a64:.0%} "
+                "without the daemon's own",
+            )
             await self.reset_counters()
             _, lat_b = await self.run_pairs(self.pair_b, models, 1, seconds)
             await self.reset_counters()
@@ -588,15 +638,14 @@ class Bench:
         deadline = time.monotonic() + 60
         while True:
             try:
-                msg = await self.nc.request("$SRV.STATS.registry", b"", timeout=10)
+                stats = await self.endpoint_stats()
                 break
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 self.cut_off = True
                 await asyncio.sleep(0.2)
-        stats = orjson.loads(msg.data)
-        return sum(e["num_requests"] for e in stats["endpoints"] if e["name"] == "heartbeat")
+        return int(stats["heartbeat"]["num_requests"])
 
     async def scale(self) -> None:
         print("scale", flush=True)
@@ -806,6 +855,26 @@ async def burst(url: str, prefix: str, count: int) -> None:
     finally:
         print(answered, time.perf_counter() - started, flush=True)
         await nc.close()
+
+
+def batching(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> str:
+    """What findlock's and inflight_dec's statements carried between two STATS:
+    requests a statement, time a statement, and the share of the run one was
+    running. Near 100% the batches follow each other without a gap, and
+    statement time, more than anything else, bounds the rate."""
+    parts = []
+    for name, what in (("findlock", "picks"), ("inflight_dec", "releases")):
+        was, now = before[name]["data"], after[name]["data"]
+        writes = now["writes"] - was["writes"]
+        if not writes:
+            continue
+        carried = now["batched_requests"] - was["batched_requests"]
+        took = (now["write_time"] - was["write_time"]) / 1e9
+        parts.append(
+            f"{what} {carried / writes:.1f} a statement, {took / writes * 1e3:.2f} ms each, "
+            f"one running {took / elapsed:.0%} of the time"
+        )
+    return "; ".join(parts)
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -197,36 +197,10 @@ class Soak:
         self.marker_ids = ids[:MARKER_NODES]
         self.heartbeat_ids = ids[MARKER_NODES:]
         self.intent_ids = ids[: max(1, round(len(ids) * INTENT_SHARE))]
-        self.service_id = await self.find_service()
-
-    async def find_service(self) -> str:
-        """Our daemon's service id: other daemons named `registry` may share the server."""
-        nc = self.bench.nc
-        inbox = nc.new_inbox()
-        found: list[str] = []
-        ours = asyncio.Event()
-
-        async def on_info(msg: Any) -> None:
-            info = orjson.loads(msg.data)
-            subjects = [e.get("subject", "") for e in info.get("endpoints", [])]
-            if any(s.startswith(f"{self.bench.prefix}.") for s in subjects):
-                found.append(info["id"])
-                ours.set()
-
-        sub = await nc.subscribe(inbox, cb=on_info)
-        await nc.publish("$SRV.INFO.registry", b"", reply=inbox)
-        try:
-            await asyncio.wait_for(ours.wait(), 10)
-        except TimeoutError:
-            raise RuntimeError("the daemon's service did not answer $SRV.INFO.registry") from None
-        finally:
-            await sub.unsubscribe()
-        return found[0]
 
     async def heartbeats_taken(self) -> int:
-        msg = await self.bench.nc.request(f"$SRV.STATS.registry.{self.service_id}", b"", timeout=30)
-        stats = orjson.loads(msg.data)
-        return sum(e["num_requests"] for e in stats["endpoints"] if e["name"] == "heartbeat")
+        stats = await self.bench.endpoint_stats(timeout=30)
+        return int(stats["heartbeat"]["num_requests"])
 
     async def table_stats(self) -> dict[str, Any]:
         async with self.bench.pool.acquire() as conn:
