@@ -153,7 +153,6 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rows: list[tuple[str, str, str, str]] = []
-        self.prefix = f"bench{uuid.uuid4().hex[:6]}"
         self.cut_off = False  # nats-server disconnected the daemon under the heartbeat flood
         self._service_id: str | None = None
 
@@ -164,8 +163,10 @@ class Bench:
     # ------------------------------------------------------------ set-up
 
     async def setup(self, workdir: Path) -> None:
+        """The servers, and the bench's own NATS connection: shared by every section."""
         pg_url = os.environ.get("REGISTRY_TEST_DATABASE_URL")
         nats_url = os.environ.get("REGISTRY_TEST_NATS_URL")
+        self.workdir = workdir
         self.servers: list[Any] = []
         if not pg_url:
             pg = embedded.start_postgres(workdir / "postgres")
@@ -175,20 +176,29 @@ class Bench:
             ns = embedded.start_nats(workdir / "nats")
             self.servers.append(ns)
             nats_url = ns.url
+        self.admin_url = pg_url
+        self.nats_url = nats_url
+        self.nc = await nats.connect(nats_url, pending_size=256 * 1024 * 1024)
+        await self.open()
+
+    async def open(self) -> None:
+        """A database, subject prefix, stream and daemon of their own, for one
+        section: what a section leaves behind (rows, dead row versions on a
+        server whose autovacuum is off, counters) never weighs on the next."""
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+        self._service_id = None
         self.dbname = f"registryd_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(pg_url)
+        admin = await asyncpg.connect(self.admin_url)
         await admin.execute(f'CREATE DATABASE "{self.dbname}"')
         await admin.close()
-        self.admin_url = pg_url
-        self.db_url = with_database(pg_url, self.dbname)
-        self.nats_url = nats_url
+        self.db_url = with_database(self.admin_url, self.dbname)
         conn = await asyncpg.connect(self.db_url)
         await dbmod.migrate(conn)
         await conn.close()
         self.pool = await asyncpg.create_pool(self.db_url, min_size=4, max_size=64)
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         env |= {
-            "REGISTRY_NATS_URL": nats_url,
+            "REGISTRY_NATS_URL": self.nats_url,
             "REGISTRY_DATABASE_URL": self.db_url,
             "REGISTRY_SUBJECT_PREFIX": self.prefix,
             "REGISTRY_STREAM": f"BENCH_{self.prefix}",
@@ -196,7 +206,7 @@ class Bench:
             "REGISTRY_LOG_LEVEL": "warning",
             "REGISTRY_STALE_AFTER": "3600",
         }
-        self.log = (workdir / "registryd.log").open("wb")
+        self.log = (self.workdir / f"registryd-{self.prefix}.log").open("wb")
         self.daemon = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -206,7 +216,6 @@ class Bench:
             stderr=self.log,
             stdin=asyncio.subprocess.DEVNULL,
         )
-        self.nc = await nats.connect(nats_url, pending_size=256 * 1024 * 1024)
         self.registry = Registry(self.nc, self.prefix, timeout=30)
         deadline = time.monotonic() + 60
         while True:
@@ -219,18 +228,27 @@ class Bench:
                 await asyncio.sleep(0.2)
         await self.service_id()
 
-    async def teardown(self) -> None:
+    async def close(self) -> None:
+        """Stop the section's daemon and drop what `open` made."""
         self.daemon.terminate()
         await self.daemon.wait()
+        self.log.close()
         try:  # file storage on a server that may outlive this run
             await self.nc.jetstream().delete_stream(f"BENCH_{self.prefix}")
         except nats.js.errors.NotFoundError:
             pass
-        await self.nc.close()
         await self.pool.close()
         admin = await asyncpg.connect(self.admin_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
         await admin.close()
+
+    async def next_section(self) -> None:
+        await self.close()
+        await self.open()
+
+    async def teardown(self) -> None:
+        await self.close()
+        await self.nc.close()
         for server in self.servers:
             server.stop()
 
@@ -909,7 +927,9 @@ async def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="registryd-bench-") as workdir:
         await bench.setup(Path(workdir))
         try:
-            for section in args.sections:
+            for n, section in enumerate(args.sections):
+                if n:
+                    await bench.next_section()
                 if section == "soak":
                     from tests.soak import soak
 
