@@ -667,6 +667,9 @@ class Bench:
 
     async def scale(self) -> None:
         print("scale", flush=True)
+        # The small cluster is the findlock section's; the big one grows from it.
+        await self.seed(200, 1, 4, "one")
+        await self.seed(400, 200, 2, "many")
         models = ["one1"]
         await self.reset_counters()
         _, small = await self.run_pairs(self.pair_daemon, models, 1, self.args.seconds)
