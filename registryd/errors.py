@@ -50,6 +50,23 @@ class Timeout(Unavailable):
     """No reply within the client's timeout."""
 
 
+# A caller's traceback names each class as the caller imports it
+# (`registryd.NotFound: 404 not_found: …`), not by the daemon module that
+# defines the table (infra.errors), which a client user never imports.
+for _cls in (
+    RegistryError,
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    Conflict,
+    TooLarge,
+    Internal,
+    Unavailable,
+    NoResponders,
+    Timeout,
+):
+    _cls.__module__ = "registryd"
+
 BY_CODE: dict[int, type[RegistryError]] = {
     cls.code: cls
     for cls in (BadRequest, Unauthorized, NotFound, Conflict, TooLarge, Internal, Unavailable)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -133,6 +134,9 @@ async def test_nodes(registry: Registry) -> None:
     with pytest.raises(NotFound) as err:
         await registry.get(node.id)
     assert err.value.code == 404 and node.id in err.value.message
+    # As a traceback shows it: by the name the caller imported.
+    (shown,) = traceback.format_exception_only(err.value)
+    assert shown.startswith("registryd.NotFound: 404 not_found: ")
 
 
 async def test_node_keys_and_a_workers_own_subjects(registry: Registry) -> None:
