@@ -25,7 +25,11 @@ registration the agent records each as a loaded replica (`replica_set`,
 state "loaded", at the worker's address or the model's own), since a
 registration clears the node's replicas (the registry takes it for a
 restarted worker). Routers' `findlock` then finds them once the node is
-healthy: approved by an admin, or at once with REGISTRY_AUTO_APPROVE.
+healthy: approved by an admin, or at once with REGISTRY_AUTO_APPROVE. Going
+offline clears them too, and a heartbeat brings an approved node back, so
+every `replicas_check_every` seconds (60) the agent reads its own node and
+records them again if the node is healthy with fewer loaded replicas than it
+serves.
 
 `registryd agent` registers with a node key (contract v1.2) kept in a file,
 `<REGISTRY_STATE_DIR>/agent/<name>.key` by default: `load_node_key` creates it
@@ -425,6 +429,7 @@ class Agent:
         confirm_every: float | None = None,
         report_ram: bool = True,
         offline_within: float = 5.0,
+        replicas_check_every: float = 60.0,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -436,6 +441,8 @@ class Agent:
         self.confirm_every = confirm_every
         self.report_ram = report_ram
         self.offline_within = offline_within
+        self.replicas_check_every = replicas_check_every
+        self._replicas_checked = float("-inf")
         self._registration: dict[str, Any] = {
             "address": address,
             "http_address": http_address,
@@ -483,6 +490,8 @@ class Agent:
                     if self.node is None:  # deregistered meanwhile: register again
                         continue
                 await self._beat()
+                if self.node is not None and self._replicas_due():
+                    await self._check_replicas()
                 if self.node is not None:  # else: forgotten, so register again now
                     await self._pause(self.interval)
         finally:
@@ -522,6 +531,7 @@ class Agent:
             log.info("registered %s as node %s, %s", self.name, node.id, node.status)
             # The registration cleared the node's replicas: record them again.
             self._unrecorded = list(self.models)
+            self._replicas_checked = time.monotonic()
             self.serving.clear()
             if node.status == "pending":
                 log.info(
@@ -565,6 +575,39 @@ class Agent:
             )
         if not self._unrecorded:
             self.serving.set()
+
+    def _replicas_due(self) -> bool:
+        return (
+            bool(self.models)
+            and self.serving.is_set()
+            and time.monotonic() - self._replicas_checked >= self.replicas_check_every
+        )
+
+    async def _check_replicas(self) -> None:
+        """Record the served models again when the registry lost them while
+        the node stayed registered: taken offline (by an admin, or by the
+        sweep after a silence), which clears a node's replicas, and brought
+        back by a later heartbeat, the node is healthy with nothing to route
+        to. Its own node (`<prefix>.self.<id>`) says how many replicas it has."""
+        assert self.node is not None
+        self._replicas_checked = time.monotonic()
+        try:
+            own = await self.registry.own_node(self.node.id)
+        except NotFound:
+            self._forgotten()
+            return
+        except Unavailable:
+            return  # asked again at the next check
+        if own.status == "healthy" and own.model_count < len(self.models):
+            log.warning(
+                "node %s is healthy with %d loaded replica(s) of the %d it serves (cleared "
+                "while it was offline); recording them again",
+                self.name,
+                own.model_count,
+                len(self.models),
+            )
+            self._unrecorded = list(self.models)
+            self.serving.clear()
 
     def _forgotten(self) -> None:
         """The registry answered 404 for our node: register again from scratch."""

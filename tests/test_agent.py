@@ -303,6 +303,48 @@ async def test_an_agent_deregistered_registers_again_with_its_models(
     assert await routed_to(registry, "qwen3-8b") == (second, "10.0.0.5:8000")
 
 
+async def test_an_agent_brought_back_by_a_heartbeat_records_its_models_again(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    nc: NATS,
+    agents: Callable[[Agent], Running],
+) -> None:
+    # Offline clears a node's replicas; the sweep brings an approved node back
+    # on its next heartbeat, healthy but with nothing for routers to pick.
+    daemon = await start_daemon(check_interval=0.1)
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent = Agent(
+        registry,
+        "gpu-1",
+        address="10.0.0.5:8000",
+        models=["qwen3-8b"],
+        vram=FixedVram(1, 2),
+        interval=FAST,
+        replicas_check_every=FAST,
+    )
+    agents(agent)
+    await asyncio.wait_for(agent.serving.wait(), 10)
+    node_id = agent.node_id
+    assert node_id is not None
+    await registry.approve(node_id)
+    assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
+
+    await registry.offline(node_id)  # an admin takes it offline: its replica goes
+
+    async def routed_again() -> tuple[str, str] | None:
+        if (await registry.get(node_id)).status != "healthy":
+            return None
+        try:
+            return await routed_to(registry, "qwen3-8b")
+        except NotFound:
+            return None
+
+    assert await eventually(routed_again, "the node back with its replica") == (
+        node_id,
+        "10.0.0.5:8000",
+    )
+    assert agent.registrations == 1  # recorded again, not registered again
+
+
 class Unanswering(Registry):
     """A registry whose replica_set gets no reply (as when the agent's NATS
     user may not publish it) until `answer` is set."""
