@@ -264,10 +264,10 @@ async def test_an_agent_serving_models_is_routed_to_once_approved(
     assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
 
 
-async def test_an_agent_deregistered_registers_again_with_its_models(
-    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
-) -> None:
-    registry = Registry(nc, daemon.settings.subject_prefix)
+async def routed_agent(
+    registry: Registry, agents: Callable[[Agent], Running], **options: Any
+) -> tuple[Agent, str]:
+    """gpu-1 serving qwen3-8b at 10.0.0.5:8000, approved, and routed to."""
     agent = Agent(
         registry,
         "gpu-1",
@@ -275,13 +275,22 @@ async def test_an_agent_deregistered_registers_again_with_its_models(
         models=["qwen3-8b"],
         vram=FixedVram(1, 2),
         interval=FAST,
+        **options,
     )
     agents(agent)
     await asyncio.wait_for(agent.serving.wait(), 10)
-    first = agent.node_id
-    assert first is not None
-    await registry.approve(first)
-    assert await routed_to(registry, "qwen3-8b") == (first, "10.0.0.5:8000")
+    node_id = agent.node_id
+    assert node_id is not None
+    await registry.approve(node_id)
+    assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
+    return agent, node_id
+
+
+async def test_an_agent_deregistered_registers_again_with_its_models(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent, first = await routed_agent(registry, agents)
 
     await registry.deregister(first)  # the node, its replicas and its approval go
 
@@ -312,21 +321,7 @@ async def test_an_agent_brought_back_by_a_heartbeat_records_its_models_again(
     # on its next heartbeat, healthy but with nothing for routers to pick.
     daemon = await start_daemon(check_interval=0.1)
     registry = Registry(nc, daemon.settings.subject_prefix)
-    agent = Agent(
-        registry,
-        "gpu-1",
-        address="10.0.0.5:8000",
-        models=["qwen3-8b"],
-        vram=FixedVram(1, 2),
-        interval=FAST,
-        replicas_check_every=FAST,
-    )
-    agents(agent)
-    await asyncio.wait_for(agent.serving.wait(), 10)
-    node_id = agent.node_id
-    assert node_id is not None
-    await registry.approve(node_id)
-    assert await routed_to(registry, "qwen3-8b") == (node_id, "10.0.0.5:8000")
+    agent, node_id = await routed_agent(registry, agents, replicas_check_every=FAST)
 
     await registry.offline(node_id)  # an admin takes it offline: its replica goes
 
