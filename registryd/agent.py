@@ -21,8 +21,9 @@ errors (a wrong token or node key: 401; a bad field: 400) end `run` with the
 error.
 
 A worker that serves models names them (`models=`, `--model`): after every
-registration the agent records each as a loaded replica (`replica_set`,
-state "loaded", at the worker's address or the model's own), since a
+registration the agent records each as a loaded replica (on its node's
+own `replica_set.<id>`, state "loaded", at the worker's address or the
+model's own), since a
 registration clears the node's replicas (the registry takes it for a
 restarted worker). Routers' `findlock` then finds them once the node is
 healthy: approved by an admin, or at once with REGISTRY_AUTO_APPROVE. Going
@@ -443,6 +444,7 @@ class Agent:
         self.offline_within = offline_within
         self.replicas_check_every = replicas_check_every
         self._replicas_checked = float("-inf")
+        self._own_replica_subject = True
         self._registration: dict[str, Any] = {
             "address": address,
             "http_address": http_address,
@@ -551,13 +553,7 @@ class Agent:
         while self._unrecorded and not self._stopping.is_set():
             served = self._unrecorded[0]
             try:
-                await self.registry.replica_set(
-                    self.node.id,
-                    served.model,
-                    served.replica_index,
-                    state="loaded",
-                    address=served.address,
-                )
+                await self._record(served)
             except NotFound:
                 self._forgotten()
                 return
@@ -575,6 +571,27 @@ class Agent:
             )
         if not self._unrecorded:
             self.serving.set()
+
+    async def _record(self, served: Served) -> None:
+        """On the node's own subject (`<prefix>.replica_set.<id>`, which a NATS
+        user confined to its node may publish); on the shared one for a
+        daemon older than that subject."""
+        assert self.node is not None
+        if self._own_replica_subject:
+            try:
+                await self.registry.replica_set_self(
+                    self.node.id,
+                    served.model,
+                    served.replica_index,
+                    state="loaded",
+                    address=served.address,
+                )
+                return
+            except NoResponders:
+                self._own_replica_subject = False
+        await self.registry.replica_set(
+            self.node.id, served.model, served.replica_index, state="loaded", address=served.address
+        )
 
     def _replicas_due(self) -> bool:
         return (

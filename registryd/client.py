@@ -345,6 +345,21 @@ class Registry:
         """A worker reads its own node, on `<prefix>.self.<node_id>`."""
         return NodeWithExtras.model_validate(await self.call(f"self.{node_id}", {}))
 
+    async def replica_set_self(
+        self,
+        node_id: str,
+        model: str,
+        replica_index: int = 0,
+        *,
+        state: Literal["loading", "loaded", "unloading", "idle"],
+        address: str = "",
+    ) -> Replica:
+        """A worker records a replica on its own node, on
+        `<prefix>.replica_set.<node_id>`; the requests in flight on a replica
+        already recorded stay as they are."""
+        body = {"model": model, "replica_index": replica_index, "state": state, "address": address}
+        return Replica.model_validate(await self.call(f"replica_set.{node_id}", body))
+
     # ------------------------------------------------------------ placement
 
     async def find_vram(self, min_bytes: int = 0, *, node_ids: list[str] | None = None) -> Node:

@@ -22,6 +22,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -123,6 +124,22 @@ def _optional_fields(model: type[BaseModel]) -> frozenset[str]:
 
 class NodeRef(Request):
     node_id: NodeId
+
+
+class OwnNodeRequest(Request):
+    """What a worker sends on a subject ending in its node id
+    (registry.offline.<id>, registry.self.<id>, registry.replica_set.<id>)."""
+
+    # From the subject; a node_id in the body may only repeat it.
+    subject_node: NodeId
+    node_id: NodeId | None = None
+
+    @field_validator("node_id", mode="after")
+    @classmethod
+    def _same_node(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value != info.data.get("subject_node"):
+            raise ValueError("must be the node id the subject names, or absent")
+        return value
 
 
 # A node's name: printable, as it shows in logs and tables.

@@ -17,7 +17,7 @@ import logging
 from typing import Annotated, Any, Literal, NoReturn
 
 import asyncpg
-from pydantic import Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import Field, StringConstraints
 
 from infra.db import Database
 from infra.errors import BadRequest, NotFound, Unauthorized, Unavailable
@@ -31,6 +31,7 @@ from subjects.base import (
     Name,
     NodeId,
     NodeRef,
+    OwnNodeRequest,
     Paged,
     Request,
     by_name,
@@ -360,19 +361,6 @@ async def node_key_reset(ctx: Context, req: NodeRef) -> Any:
 # own, ending in the node id, so that a NATS user per worker can be allowed
 # exactly its own (registry.offline.<id>, registry.self.<id>,
 # registry.heartbeat.<id>) and nothing of another node's.
-
-
-class OwnNodeRequest(Request):
-    # From the subject; a node_id in the body may only repeat it.
-    subject_node: NodeId
-    node_id: NodeId | None = None
-
-    @field_validator("node_id", mode="after")
-    @classmethod
-    def _same_node(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and value != info.data.get("subject_node"):
-            raise ValueError("must be the node id the subject names, or absent")
-        return value
 
 
 @group.op("offline_self", OwnNodeRequest, subject="offline", subject_field="subject_node")

@@ -21,6 +21,7 @@ from subjects.base import (
     Group,
     ModelName,
     NodeId,
+    OwnNodeRequest,
     Paged,
     ReplicaIndex,
     Request,
@@ -98,6 +99,41 @@ async def replica_set(ctx: Context, req: ReplicaSetRequest) -> Any:
         req.state,
         req.address,
         req.in_flight,
+    )
+    return record(row)
+
+
+class OwnReplicaSetRequest(OwnNodeRequest):
+    model: ModelName
+    replica_index: ReplicaIndex = 0
+    state: ReplicaState
+    address: Annotated[str, StringConstraints(max_length=512)] = ""
+
+
+# What a worker says of its own replica is its state and address; the
+# requests in flight on one already recorded are the routers' count and stay
+# (a worker recording what it serves again must not zero them).
+REPLICA_SET_OWN = f"""
+    INSERT INTO replicas AS r (node_id, model_name, replica_index, state, address)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (node_id, model_name, replica_index) DO UPDATE SET
+        state = EXCLUDED.state,
+        address = EXCLUDED.address,
+        last_used = now(),
+        updated_at = now()
+    RETURNING {REPLICA_COLUMNS}"""
+
+
+@group.op(
+    "replica_set_self",
+    OwnReplicaSetRequest,
+    subject="replica_set",
+    subject_field="subject_node",
+)
+async def replica_set_self(ctx: Context, req: OwnReplicaSetRequest) -> Any:
+    """A worker records a replica on its own node, on registry.replica_set.<node_id>."""
+    row = await ctx.db.fetchrow(
+        REPLICA_SET_OWN, req.subject_node, req.model, req.replica_index, req.state, req.address
     )
     return record(row)
 

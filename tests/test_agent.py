@@ -37,7 +37,7 @@ from registryd.agent import (
     served_models,
     vram_source,
 )
-from registryd.errors import NotFound, Timeout
+from registryd.errors import NoResponders, NotFound, Timeout
 from tests.support import Registryd, connect, eventually
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
@@ -340,33 +340,57 @@ async def test_an_agent_brought_back_by_a_heartbeat_records_its_models_again(
     assert agent.registrations == 1  # recorded again, not registered again
 
 
+def serving_m(registry: Registry, agents: Callable[[Agent], Running]) -> Agent:
+    """gpu-1, started, serving model m at a:1."""
+    agent = Agent(
+        registry, "gpu-1", address="a:1", models=["m"], vram=FixedVram(1, 2), interval=FAST
+    )
+    agents(agent)
+    return agent
+
+
+async def m_recorded(registry: Registry, agent: Agent) -> None:
+    await asyncio.wait_for(agent.serving.wait(), 10)
+    assert agent.node_id is not None
+    assert (await registry.replica_get(agent.node_id, "m")).state == "loaded"
+
+
 class Unanswering(Registry):
-    """A registry whose replica_set gets no reply (as when the agent's NATS
-    user may not publish it) until `answer` is set."""
+    """A registry whose replica_set on the node's own subject gets no reply
+    (as when the agent's NATS user may not publish it) until `answer` is set."""
 
     answer = False
 
-    async def replica_set(self, *args: Any, **kwargs: Any) -> Any:
+    async def replica_set_self(self, *args: Any, **kwargs: Any) -> Any:
         if not self.answer:
-            raise Timeout("no reply on registry.replica_set within 5s")
-        return await super().replica_set(*args, **kwargs)
+            raise Timeout("no reply on registry.replica_set.<node id> within 5s")
+        return await super().replica_set_self(*args, **kwargs)
 
 
 async def test_heartbeats_go_on_while_the_models_cannot_be_recorded(
     daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
 ) -> None:
     registry = Unanswering(nc, daemon.settings.subject_prefix)
-    agent = Agent(
-        registry, "gpu-1", address="a:1", models=["m"], vram=FixedVram(1, 2), interval=FAST
-    )
-    agents(agent)
+    agent = serving_m(registry, agents)
     await asyncio.wait_for(agent.registered.wait(), 10)
     await beats_after(agent, 3)  # the node stays fresh meanwhile
     assert not agent.serving.is_set() and agent.registrations == 1
     registry.answer = True  # retried at the next heartbeat
-    await asyncio.wait_for(agent.serving.wait(), 10)
-    assert agent.node_id is not None
-    assert (await registry.replica_get(agent.node_id, "m")).state == "loaded"
+    await m_recorded(registry, agent)
+
+
+class WithoutOwnReplicaSubject(Registry):
+    """A registry from before registry.replica_set.<node_id>: nobody serves it."""
+
+    async def replica_set_self(self, *args: Any, **kwargs: Any) -> Any:
+        raise NoResponders("no registryd serves registry.replica_set.<node id>")
+
+
+async def test_against_an_older_daemon_the_models_go_on_the_shared_subject(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = WithoutOwnReplicaSubject(nc, daemon.settings.subject_prefix)
+    await m_recorded(registry, serving_m(registry, agents))
 
 
 def test_served_models() -> None:

@@ -105,6 +105,9 @@ async def test_each_role_may_do_what_it_needs_and_no_more(
         node = await worker.register("gpu-1")
         assert node["status"] == "pending"
         await worker.publish(f"heartbeat.{node['id']}", {"available_vram": 5})
+        # It records what it serves on its node's own subject, not the shared one.
+        await worker.call(f"replica_set.{node['id']}", model="served", state="loaded")
+        await refused(worker, "replica_set", node_id=node["id"], model="m", state="loaded")
         for op in ("approve", "deregister", "drain"):
             await refused(worker, op, node_id=node["id"])
         await refused(router, "approve", node_id=node["id"])

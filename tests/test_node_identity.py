@@ -107,6 +107,25 @@ async def test_per_node_subjects_act_on_the_node_they_name(client: Client) -> No
     await fails(client.call("offline.ghost"), 404, "ghost")
 
 
+async def test_a_worker_records_its_own_replicas_on_its_own_subject(client: Client) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    own = f"replica_set.{a['id']}"
+    replica = await client.call(own, model="m", state="loaded", address="a:8000")
+    assert replica["node_id"] == a["id"]
+    assert (replica["state"], replica["address"]) == ("loaded", "a:8000")
+    # Never another node's, whatever the body says.
+    await fails(client.call(own, node_id=b["id"], model="m", state="loaded"), 400, "'node_id'")
+    await fails(client.call(own, model="m"), 400, "'state'")
+    await fails(client.call("replica_set.ghost", model="m", state="loaded"), 404, "node")
+    # Recording what it serves again keeps the routers' count of requests in flight.
+    await client.call("findlock", model="m")
+    await client.call(own, model="m", state="loaded", address="a:8001", in_flight=0)
+    row = await client.call("replica_get", node_id=a["id"], model="m")
+    assert (row["in_flight"], row["address"]) == (1, "a:8001")
+    assert await client.call("node_models", node_id=b["id"]) == []
+
+
 async def test_srv_info_lists_the_new_endpoints(client: Client, daemon: Daemon) -> None:
     assert daemon.service is not None
     import orjson
@@ -115,6 +134,8 @@ async def test_srv_info_lists_the_new_endpoints(client: Client, daemon: Daemon) 
     subjects = {e["name"]: e["subject"] for e in orjson.loads(reply.data)["endpoints"]}
     assert subjects["offline_self"] == f"{client.prefix}.offline.*"
     assert subjects["self"] == f"{client.prefix}.self.*"
+    assert subjects["replica_set_self"] == f"{client.prefix}.replica_set.*"
+    assert subjects["replica_set"] == f"{client.prefix}.replica_set"
     assert subjects["offline"] == f"{client.prefix}.offline"
     assert subjects["node_key_reset"] == f"{client.prefix}.node_key_reset"
 
@@ -126,7 +147,10 @@ def per_worker_conf() -> str:
     """The example's per-worker user, for node ids node-a and node-b."""
 
     def worker(user: str, node_id: str) -> str:
-        own = ", ".join(f'"registry.{verb}.{node_id}"' for verb in ("heartbeat", "offline", "self"))
+        own = ", ".join(
+            f'"registry.{verb}.{node_id}"'
+            for verb in ("heartbeat", "offline", "self", "replica_set")
+        )
         return f"""{{ user: {user}, password: "{user}-pw", permissions: {{
             publish: ["registry.register", {own}]
             subscribe: ["_INBOX.>", "nodes.{node_id}.>"]
@@ -191,9 +215,11 @@ async def test_a_worker_user_can_act_only_on_its_own_node(
         assert (await b.register("gpu-b", node_key=KEY_B))["id"] == "node-b"
 
         # A cannot touch B: NATS refuses each request before the daemon sees it.
-        for subject in ("offline.node-b", "self.node-b", "offline"):
+        for subject in ("offline.node-b", "self.node-b", "offline", "replica_set.node-b"):
             with pytest.raises(NatsTimeout):
-                await a.call(subject, node_id="node-b")
+                await a.call(subject, node_id="node-b", model="m", state="loaded")
+        with pytest.raises(NatsTimeout):
+            await a.call("replica_set", node_id="node-b", model="m", state="loaded")
         await a.nc.publish("registry.heartbeat.node-b", b'{"available_vram": 4242}')
         # ...nor take B's name with the shared registration path.
         await fails(a.register("gpu-b", address="a:1"), 401, "gpu-b")
@@ -203,6 +229,9 @@ async def test_a_worker_user_can_act_only_on_its_own_node(
         # one it published for B, which therefore never arrived).
         assert await a.call("heartbeat.node-a", available_vram=7) == {}
         assert (await a.call("self.node-a"))["available_vram"] == 7
+        await a.call("replica_set.node-a", model="m", state="loaded", address="a:8000")
+        assert (await a.call("self.node-a"))["model_count"] == 1
+        assert await admin.call("node_models", node_id="node-b") == []
         b_row = await pg.fetchrow(
             "SELECT status, address, available_vram FROM nodes WHERE id = 'node-b'"
         )

@@ -31,7 +31,7 @@ replica_next_index replica_stats node_models loaded_models nodes_with_model lru 
 loaded_count load_info_set load_info_get label_set labels_set label_remove labels_get labels_all
 scheduling_set scheduling_get scheduling_list scheduling_delete unsatisfiable_bump
 unsatisfiable_mark unsatisfiable_clear backend_op backend_ops backend_ops_count
-backend_op_cancel lease_renew offline_self self node_key_reset explain
+backend_op_cancel lease_renew offline_self self node_key_reset explain replica_set_self
 """.split()
 
 
