@@ -225,8 +225,12 @@ class Worker:
         self.arrived = asyncio.Event()
         self._subs: list[Any] = []
 
-    async def start(self, ops: tuple[str, ...] = ("install", "upgrade", "delete")) -> Worker:
-        for op in ops:
+    async def start(
+        self, ops: tuple[str, ...] = ("install", "upgrade", "delete"), with_probe: bool = False
+    ) -> Worker:
+        # The probe, subscribed last, shows when the others are known
+        # elsewhere in a cluster (see test_nats_cluster.heard_from).
+        for op in ops + (("probe",) if with_probe else ()):
             subject = f"nodes.{sanitize(self.node_id)}.backend.{op}"
             self._subs.append(await self.client.nc.subscribe(subject, cb=self._serve))
         await self.client.nc.flush()

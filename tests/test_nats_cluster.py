@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from daemon import embedded
-from daemon.delivery import CONSUMER
+from daemon.delivery import CONSUMER, sanitize
 from tests.support import CallError, Client, Registryd, Worker, connect, eventually
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
@@ -255,6 +255,26 @@ async def delivered_all(client: Client) -> None:
     await eventually(empty, "every intent to be delivered", within=30)
 
 
+async def heard_from(worker: Worker, *clients: Client) -> None:
+    """Wait until the worker's subscriptions, made on a server of its own,
+    have crossed the cluster's routes to the servers of `clients`: the flush
+    after subscribing covers only the worker's server, and a daemon elsewhere
+    that finds no responder for an intent marks the node unhealthy, which
+    holds every intent until a heartbeat this test never sends."""
+    subject = f"nodes.{sanitize(worker.node_id)}.backend.probe"
+    for client in clients:
+
+        async def answered(client: Client = client) -> bool | None:
+            try:
+                await client.nc.request(subject, b"{}", timeout=1)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                return None
+            return True
+
+        await eventually(answered, "the worker's subscriptions across the cluster")
+    worker.requests = [r for r in worker.requests if r[0] != "probe"]
+
+
 def sent(intent: dict[str, Any]) -> str:
     """The request a worker gets for an intent queued without galleries, as text."""
     return repr((intent["op"], {"backend": intent["backend"]}))
@@ -394,7 +414,8 @@ async def test_killing_the_server_of_the_daemon_loses_no_intent(
     assert await leader(stream_info) in {s.name for s in survivors}
 
     # Once the node is healthy, a worker on the other survivor gets each intent once.
-    worker = await Worker(worker_client, node["id"]).start()
+    worker = await Worker(worker_client, node["id"]).start(with_probe=True)
+    await heard_from(worker, await client_on(cluster.at(reconnected.group(1))))
     await client.call("approve", node_id=node["id"])
     await delivered_all(client)
     assert sorted(map(repr, worker.requests)) == sorted(map(sent, queued))
@@ -443,7 +464,8 @@ async def test_two_daemons_on_different_servers_are_one_service(
     await eventually(lambda: leader(lambda: js.consumer_info(stream, CONSUMER)), "the consumer")
     info = await js.stream_info(stream)
     assert info.state.consumer_count == 1, info.state
-    worker = await Worker(await client_on(n3), node["id"]).start()
+    worker = await Worker(await client_on(n3), node["id"]).start(with_probe=True)
+    await heard_from(worker, on1, on2)
     queued = []
     for i in range(8):
         via = (on1, on2)[i % 2]
