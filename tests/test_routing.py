@@ -201,6 +201,19 @@ async def test_concurrent_decrements_lose_nothing_and_stop_at_zero(client: Clien
     assert await client.call("inflight_dec", node_id=a["id"], model="gone") == {}
 
 
+async def test_decrements_one_at_a_time_stop_at_zero_on_their_replica(client: Client) -> None:
+    # A quiet router's releases, each alone in its statement.
+    a = await client.healthy_node("gpu-a")
+    for index in (0, 1):
+        await client.replica(a, index=index, in_flight=2)
+    ref = {"node_id": a["id"], "model": "m", "replica_index": 1}
+    for _ in range(3):
+        assert await client.call("inflight_dec", **ref) == {}
+    assert (await client.call("replica_get", **ref))["in_flight"] == 0
+    other = await client.call("replica_get", node_id=a["id"], model="m", replica_index=0)
+    assert other["in_flight"] == 2
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
