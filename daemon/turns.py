@@ -149,7 +149,8 @@ class Turns:
                 await self._wake.wait()
                 continue
             requester, endpoint, msg = turn
-            if len(msg.data) >= LARGE:
+            large = len(msg.data) >= LARGE
+            if large:
                 await self._read_first()
             try:
                 work = await endpoint.begin(msg)
@@ -157,7 +158,7 @@ class Turns:
                 log.exception("could not start a request")
                 work = None
             if work is not None:
-                self._run(requester, work, large=len(msg.data) >= LARGE)
+                self._run(requester, work, large=large)
             # While handlers run, let their continuations in after every
             # request, so a flood of checks does not stretch their latency.
             # Otherwise yield every half millisecond: yielding after each would
