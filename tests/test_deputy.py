@@ -54,6 +54,23 @@ async def test_a_reply_subject_that_is_an_operation_is_not_answered(
     assert (await client.call("replica_get", node_id=node["id"], model="m"))["state"] == "loaded"
 
 
+async def test_a_workers_own_subject_does_not_answer_into_another_nodes(
+    client: Client, daemon: Daemon
+) -> None:
+    a = await client.healthy_node("gpu-a")
+    b = await client.healthy_node("gpu-b")
+    # Answered into offline.<b>, a record on a's own subject would take b offline.
+    await client.nc.publish(
+        f"{client.prefix}.replica_set.{a['id']}",
+        orjson.dumps({"model": "m", "state": "loaded"}),
+        reply=f"{client.prefix}.offline.{b['id']}",
+    )
+    await client.nc.flush()
+    await refused(client, daemon, "replica_set_self", 1)
+    assert (await client.call("get", node_id=b["id"]))["status"] == "healthy"
+    assert await client.call("node_models", node_id=a["id"]) == []  # nor handled
+
+
 async def test_a_heartbeat_cannot_reach_the_jetstream_api(client: Client, daemon: Daemon) -> None:
     node = await client.healthy_node("gpu-1")
     await client.call("backend_op", node_id=node["id"], backend="vllm", op="install")

@@ -9,6 +9,7 @@ to its own node id.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -124,6 +125,25 @@ async def test_a_worker_records_its_own_replicas_on_its_own_subject(client: Clie
     row = await client.call("replica_get", node_id=a["id"], model="m")
     assert (row["in_flight"], row["address"]) == (1, "a:8001")
     assert await client.call("node_models", node_id=b["id"]) == []
+
+
+async def test_a_workers_own_replica_subject_against_callers_we_do_not_control(
+    client: Client,
+) -> None:
+    a = await client.healthy_node("gpu-a")
+    own = f"replica_set.{a['id']}"
+    # The same record 30 times at once: one row, every request answered.
+    replies = await asyncio.gather(
+        *(client.call(own, model="m", state="loaded", address="a:1") for _ in range(30))
+    )
+    assert {r["id"] for r in replies} == {replies[0]["id"]}
+    assert len(await client.call("node_models", node_id=a["id"])) == 1
+    # Go's nil and zero values: null fields are left out, the record still made.
+    got = await client.call(
+        own,
+        {"node_id": None, "model": "m2", "replica_index": None, "state": "loaded", "address": None},
+    )
+    assert (got["node_id"], got["replica_index"], got["address"]) == (a["id"], 0, "")
 
 
 async def test_srv_info_lists_the_new_endpoints(client: Client, daemon: Daemon) -> None:
