@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import nats.errors
 import orjson
 import pytest
 from nats.aio.msg import Msg
@@ -234,6 +235,11 @@ async def test_requests_shed_past_the_backlog_get_503_without_an_outage_in_the_l
     assert await client.call("list") == []
 
 
+def cut_off(server: embedded.NatsServer) -> list[str]:
+    """nats-server's log lines saying it cut a client off as a slow consumer."""
+    return [line for line in server.log_path.read_text().splitlines() if "Slow Consumer" in line]
+
+
 async def test_a_burst_of_large_requests_is_read_and_answered(
     spawn: Callable[..., Awaitable[Registryd]],
     daemon_env: dict[str, str],
@@ -269,28 +275,36 @@ async def test_a_burst_of_large_requests_is_read_and_answered(
         if len(replies) == count:
             all_in.set()
 
-    inbox = nc.new_inbox()
-    await nc.subscribe(inbox + ".*", cb=on_reply)
-    for i in range(count):
-        await nc.publish(f"{client.prefix}.findlock", bodies[i % len(bodies)], reply=f"{inbox}.{i}")
-    await nc.flush()
-    # A router is served meanwhile.
-    got = await router.call("findlock", model="llama")
-    assert got["node"]["id"] == node["id"]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(all_in.wait(), 120)
-    # Not cut off: nats-server's log says why if it did.
-    slow = [line for line in server.log_path.read_text().splitlines() if "Slow Consumer" in line]
-    assert not slow, slow
-    assert len(replies) == count, f"{count - len(replies)} requests never answered"
+    try:
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox + ".*", cb=on_reply)
+        for i in range(count):
+            body = bodies[i % len(bodies)]
+            await nc.publish(f"{client.prefix}.findlock", body, reply=f"{inbox}.{i}")
+        await nc.flush()
+        # A router is served meanwhile.
+        try:
+            got = await router.call("findlock", model="llama")
+        except nats.errors.NoRespondersError:
+            pytest.fail(
+                f"the daemon was not subscribed during the burst: {cut_off(server)}; "
+                + daemon.output()[-2000:]
+            )
+        assert got["node"]["id"] == node["id"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), 120)
+        # Not cut off: nats-server's log says why if it did.
+        assert not cut_off(server), cut_off(server)
+        assert len(replies) == count, f"{count - len(replies)} requests never answered"
 
-    codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
-    assert set(codes) <= {"ok", "400", "404", "503"}, codes
-    assert codes["400"] > 0, codes
-    assert "NATS connection lost" not in daemon.output(), daemon.output()
-    daemon.assert_running()
-    await nc.close()
-    await router.nc.close()
+        codes = Counter(dict(r.headers or {}).get(ERROR_CODE_HEADER, "ok") for r in replies)
+        assert set(codes) <= {"ok", "400", "404", "503"}, codes
+        assert codes["400"] > 0, codes
+        assert "NATS connection lost" not in daemon.output(), daemon.output()
+        daemon.assert_running()
+    finally:
+        await nc.close()
+        await router.nc.close()
 
 
 async def test_a_flood_under_fresh_inboxes_is_bounded_by_the_backlog(
