@@ -36,6 +36,8 @@ log = logging.getLogger("registryd.turns")
 SLICE = 0.0005  # seconds of checking between two chances for others to run
 LARGE = 64 * 1024  # a body whose check takes long enough to read first
 CATCH_UP_TURNS = 100  # at most, before checking a large body
+LARGE_SHARE = 0.25  # of the time, at most, spent checking large bodies while more wait
+LARGE_CREDIT = 0.02  # seconds of large checks allowed in one go
 
 Work = Callable[[], Coroutine[Any, Any, None]]
 
@@ -62,8 +64,10 @@ class Turns:
         backlog: int = 100_000,
         backlog_bytes: int = 16 * 1024 * 1024,
         unread: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._unread = unread  # bytes the kernel holds, not yet read by nats-py
+        self._clock = clock  # what checking large bodies is timed by
         self._limit = limit
         self._per_requester = per_requester
         self._backlog = backlog
@@ -82,6 +86,8 @@ class Turns:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.Task[None] | None = None
+        self._credit = LARGE_CREDIT  # seconds of large checks we may spend now
+        self._credited = clock()
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._serve(), name="turns")
@@ -152,11 +158,17 @@ class Turns:
             large = len(msg.data) >= LARGE
             if large:
                 await self._read_first()
+                if not self._may_check_large():
+                    await endpoint.overloaded(msg)
+                    continue
+            checking = self._clock()
             try:
                 work = await endpoint.begin(msg)
             except Exception:  # begin answers what it can; never lose the loop
                 log.exception("could not start a request")
                 work = None
+            if large:
+                self._credit -= self._clock() - checking
             if work is not None:
                 self._run(requester, work, large=large)
             # While handlers run, let their continuations in after every
@@ -181,6 +193,20 @@ class Turns:
             if self._unread() < READ_CHUNK:
                 return
             await asyncio.sleep(0)
+
+    def _may_check_large(self) -> bool:
+        # Reading must outpace a client that only writes: nats-server cuts
+        # the daemon off once 64 MiB wait for it. Checking a megabyte body
+        # costs a few milliseconds, about what reading two or three does, so
+        # a burst of them checked back to back leaves reading half the time.
+        # While large bodies queue up, checking them gets at most LARGE_SHARE
+        # of the time (LARGE_CREDIT at once), and those past it are refused
+        # unchecked (503). One at a time (nothing else waiting, the socket
+        # drained) is always checked.
+        now = self._clock()
+        self._credit = min(LARGE_CREDIT, self._credit + (now - self._credited) * LARGE_SHARE)
+        self._credited = now
+        return self._credit > 0 or not (self._waiting_count or self._unread())
 
     async def _read_first_then(self, work: Work) -> None:
         # A large request's handling costs in proportion (a findlock over

@@ -10,7 +10,15 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from daemon.nats_reads import READ_CHUNK
-from daemon.turns import CATCH_UP_TURNS, LARGE, Turns, Work, requester_of
+from daemon.turns import (
+    CATCH_UP_TURNS,
+    LARGE,
+    LARGE_CREDIT,
+    LARGE_SHARE,
+    Turns,
+    Work,
+    requester_of,
+)
 
 
 def msg(requester: str, n: int) -> Msg:
@@ -181,4 +189,71 @@ async def test_a_socket_that_never_empties_delays_a_large_request_only_so_long()
     # Checked and handled all the same, after a bounded number of turns each.
     assert endpoint.begun == ["_INBOX.r.0"] and not endpoint.running
     assert socket.calls == 2 * CATCH_UP_TURNS
+    await turns.stop()
+
+
+class Clock:
+    """Time that passes only when a check says it does."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_burst_of_large_requests_gets_a_share_of_checking_and_503s_past_it() -> None:
+    # Checking megabyte bodies back to back would leave too little time to
+    # read the socket. While large requests queue up, checks get
+    # LARGE_CREDIT at once, then LARGE_SHARE of the time; the others are
+    # refused unchecked, so a client bursting them hears 503.
+    clock, endpoint = Clock(), Recorder()
+    turns = Turns(limit=100, per_requester=100, clock=clock)
+    begin = endpoint.begin
+
+    async def costly_begin(m: Msg) -> Work | None:
+        clock.now += LARGE_CREDIT  # what checking one takes
+        return await begin(m)
+
+    endpoint.begin = costly_begin  # type: ignore[method-assign]
+    endpoint.release.set()
+    for i in range(20):
+        await turns.submit(endpoint, large("_INBOX.burst", i))
+    turns.start()
+    await turns.wait_idle()
+    # The first spends the credit and earns back a share of its time, enough
+    # to start one more; the rest wait behind one another and are refused,
+    # but the last, with nothing behind it, is checked.
+    assert endpoint.begun == ["_INBOX.burst.0", "_INBOX.burst.1", "_INBOX.burst.19"]
+    assert endpoint.refused == [f"_INBOX.burst.{i}" for i in range(2, 19)]
+    # Time spent on other work earns checks again, LARGE_SHARE of it.
+    clock.now += 2 * LARGE_CREDIT / LARGE_SHARE
+    endpoint.begun.clear()
+    endpoint.refused.clear()
+    for i in range(4):
+        await turns.submit(endpoint, large("_INBOX.burst", i))
+    await turns.wait_idle()
+    assert endpoint.begun == ["_INBOX.burst.0", "_INBOX.burst.1", "_INBOX.burst.3"]
+    assert endpoint.refused == ["_INBOX.burst.2"]
+    await turns.stop()
+
+
+async def test_large_requests_one_at_a_time_are_always_checked() -> None:
+    # A router sending large node_ids sets, one request after the other, is
+    # never refused for it: nothing waits behind its request.
+    clock, endpoint = Clock(), Recorder()
+    turns = Turns(limit=100, per_requester=100, clock=clock)
+    begin = endpoint.begin
+
+    async def costly_begin(m: Msg) -> Work | None:
+        clock.now += LARGE_CREDIT  # each check spends all the credit there is
+        return await begin(m)
+
+    endpoint.begin = costly_begin  # type: ignore[method-assign]
+    endpoint.release.set()
+    turns.start()
+    for i in range(10):
+        await turns.submit(endpoint, large("_INBOX.router", i))
+        await turns.wait_idle()
+    assert len(endpoint.begun) == 10 and not endpoint.refused
     await turns.stop()
