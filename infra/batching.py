@@ -34,6 +34,11 @@ class BatchStats:
     items: int = 0
     write_time: int = 0  # nanoseconds, all writes together
 
+    def note(self, items: int, took_ns: int) -> None:
+        self.writes += 1
+        self.items += items
+        self.write_time += took_ns
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "writes": self.writes,
@@ -109,9 +114,7 @@ class Coalescer(Generic[T, R]):
                 return
             raise
         finally:
-            self.stats.writes += 1
-            self.stats.items += len(batch)
-            self.stats.write_time += time.perf_counter_ns() - started
+            self.stats.note(len(batch), time.perf_counter_ns() - started)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import functools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
@@ -190,14 +190,20 @@ def records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 
 class Batches(Protocol):
-    """The routing operations' coalescers (subjects/routing.py builds them):
-    findlock's picks and inflight_dec's decrements, one set per daemon."""
+    """The routing operations' batched writes (subjects/routing.py builds
+    them): findlock's picks and inflight_dec's releases, one set per daemon."""
+
+    async def pick(
+        self, model: str, node_ids: Sequence[str], lease_s: float | None
+    ) -> dict[str, Any] | None: ...
+
+    async def release(self, node_id: str, model: str, replica_index: int) -> None: ...
 
     @property
-    def picks(self) -> Any: ...
+    def pick_stats(self) -> Any: ...
 
     @property
-    def decrements(self) -> Any: ...
+    def release_stats(self) -> Any: ...
 
 
 @dataclass(frozen=True)

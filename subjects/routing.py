@@ -13,6 +13,10 @@ the requests for one model that arrive while a pick for it is running wait
 for it to finish and are then placed by one statement, as if one after the
 other: k picks fill the replicas' in-flight counts level, like water. A
 single request is one statement as before; a burst costs one statement too.
+Releases (`inflight_dec` by replica) that arrive meanwhile go in that same
+statement, counted before the picks: a router's release and its next pick
+write the same rows, and apart they would wait on each other's row locks and
+each on its own commit.
 
 Leases (an addition to the Go registry): a findlock with `lease_s` also records
 a lease on its unit in flight, in the same statement, so a router that dies
@@ -26,6 +30,7 @@ deadlocking.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,8 +63,8 @@ NODE_AS = ", ".join(f"n.{c} AS node__{c}" for c in NODE_FIELDS)
 REPLICA_FIELDS = [c.strip().removeprefix("r.") for c in REPLICA_COLUMNS.split(",")]
 UP_REPLICA = ", ".join(f"up.{c}" for c in REPLICA_FIELDS)
 
-# Most picks one statement places; more waiting requests go in the next one.
-MAX_BATCH = 64
+# Most picks and releases one statement carries; more waiting go in the next.
+MAX_BATCH = 128
 
 
 class Preference(Request):
@@ -88,13 +93,19 @@ CANDIDATES = """
      WHERE r.model_name = $1 AND r.state = 'loaded' AND n.status = 'healthy'
        AND (cardinality($2::text[]) = 0 OR r.node_id = ANY($2::text[]))"""
 
-# Several picks at once, of one model or of many. $1 the model of each pick,
-# $2 node_ids, $3/$4 each pick's lease id and duration (NULL: no lease).
-# Slot j of a replica is its (j+1)-th pick in this batch, at load in_flight + j;
-# taking each model's k lowest slots is what k picks one after the other would
-# do (a replica just picked is the most recently used, hence `j` before
-# last_used). Only a model's k best replicas can receive a pick, so only they
-# are locked, in id order: two daemons never wait for each other in a circle.
+# Several picks at once, of one model or of many, and the releases (inflight_dec
+# by replica) that arrived meanwhile. $1 the model of each pick, $2 node_ids,
+# $3/$4 each pick's lease id and duration (NULL: no lease); $5/$6/$7 each
+# release's node, model and replica index.
+# Releases count first: a replica with requests just ended is as loaded as it
+# is after them. Slot j of a replica is its (j+1)-th pick in this batch, at load
+# in_flight + j; taking each model's k lowest slots is what k picks one after
+# the other would do (a replica just picked is the most recently used, hence
+# `j` before last_used). Only a model's k best replicas can receive a pick, so
+# only they and the released ones are locked, in id order: two daemons never
+# wait for each other in a circle. One statement for both halves of a request's
+# life: they write the same rows, so apart they would queue on each other's
+# locks, and each would wait for its own commit.
 PICK_BATCH = f"""
     WITH item AS (
         SELECT t.ord, t.model, t.lease_id, t.lease_s,
@@ -103,21 +114,37 @@ PICK_BATCH = f"""
                WITH ORDINALITY AS t(model, lease_id, lease_s, ord)
     ),
     want AS (SELECT model, count(*)::int AS k FROM item GROUP BY model),
+    ended AS (
+        SELECT r.id, count(*)::int AS n
+          FROM unnest($5::text[], $6::text[], $7::int[]) AS t(node_id, model, idx)
+          JOIN replicas r ON r.node_id = t.node_id AND r.model_name = t.model
+                         AND r.replica_index = t.idx
+         GROUP BY r.id
+    ),
     best AS (
         SELECT b.id FROM want w CROSS JOIN LATERAL (
             SELECT r.id FROM replicas r JOIN nodes n ON n.id = r.node_id
+              LEFT JOIN ended e ON e.id = r.id
              WHERE r.model_name = w.model AND r.state = 'loaded' AND n.status = 'healthy'
                AND (cardinality($2::text[]) = 0 OR r.node_id = ANY($2::text[]))
-             ORDER BY r.in_flight, r.last_used, n.available_vram DESC, r.id
+             ORDER BY GREATEST(r.in_flight - coalesce(e.n, 0), 0), r.last_used,
+                      n.available_vram DESC, r.id
              LIMIT w.k
         ) AS b
     ),
-    cand AS (
-        SELECT r.id, r.model_name, r.in_flight, r.last_used, n.available_vram
+    locked AS (
+        SELECT r.id, r.model_name, r.in_flight, r.last_used, r.state,
+               n.status, n.available_vram
           FROM replicas r JOIN nodes n ON n.id = r.node_id
-         WHERE r.id IN (SELECT id FROM best) AND r.state = 'loaded' AND n.status = 'healthy'
+         WHERE r.id IN (SELECT id FROM best UNION ALL SELECT id FROM ended)
          ORDER BY r.id
            FOR UPDATE OF r
+    ),
+    cand AS (
+        SELECT l.id, l.model_name, GREATEST(l.in_flight - coalesce(e.n, 0), 0) AS in_flight,
+               l.last_used, l.available_vram
+          FROM locked l LEFT JOIN ended e ON e.id = l.id
+         WHERE l.id IN (SELECT id FROM best) AND l.state = 'loaded' AND l.status = 'healthy'
     ),
     slot AS (
         SELECT c.id, c.model_name, j, row_number() OVER (
@@ -132,9 +159,12 @@ PICK_BATCH = f"""
     ),
     picks AS (SELECT id, count(*)::int AS n FROM chosen GROUP BY id),
     up AS (
-        UPDATE replicas r SET in_flight = r.in_flight + picks.n, last_used = now()
-          FROM picks WHERE r.id = picks.id
-        RETURNING r.*, picks.n AS picks
+        UPDATE replicas r
+           SET in_flight = GREATEST(r.in_flight - coalesce(e.n, 0), 0) + coalesce(p.n, 0),
+               last_used = CASE WHEN p.n IS NULL THEN r.last_used ELSE now() END
+          FROM locked l LEFT JOIN picks p ON p.id = l.id LEFT JOIN ended e ON e.id = l.id
+         WHERE r.id = l.id AND (p.n IS NOT NULL OR (e.n IS NOT NULL AND r.in_flight > 0))
+        RETURNING r.*, coalesce(p.n, 0) AS picks
     ),
     leased AS (
         INSERT INTO leases (id, replica_id, node_id, model_name, replica_index, expires_at)
@@ -196,21 +226,26 @@ class Pick:
     lease_s: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """One inflight_dec by replica in a batch."""
+
+    node_id: str
+    model: str
+    replica_index: int
+
+
+Placed = dict[str, Any] | None  # a pick's reply; None for a release, or no replica
+
+
 class Batches:
-    """The routing operations' batches, one set per daemon."""
+    """findlock's and inflight_dec's writes, batched: one coalescer per node_ids
+    set, picks of any models in each, and the releases in that of no set (the
+    routers' usual findlock), so that a router's release and the next pick go
+    out in one statement (PICK_BATCH).
 
-    def __init__(self, db: Database) -> None:
-        self.picks = Picks(db)
-        self.decrements: Coalescer[tuple[str, str, int], None] = Coalescer(
-            lambda batch: decrement(db, batch), name="inflight_dec", max_batch=1024
-        )
-
-
-class Picks:
-    """findlock's batches: one per node_ids set, picks of any models in each.
-
-    A node set's batcher lives only while it has picks running or waiting: it
-    is made by the first pick of a quiet period and dropped as soon as it is
+    A node set's coalescer lives only while it has writes running or waiting:
+    it is made by the first of a quiet period and dropped as soon as it is
     idle again. Clients choose the sets, so keeping every set ever seen would
     let one that sends new sets grow the daemon without end; this way the map
     holds at most as many sets as requests in flight (REGISTRY_MAX_CONCURRENCY).
@@ -218,39 +253,59 @@ class Picks:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._by_nodes: dict[tuple[str, ...], Coalescer[Pick, dict[str, Any] | None]] = {}
-        self.stats = BatchStats()  # every node set's, together
+        self._by_nodes: dict[tuple[str, ...], Coalescer[Pick | Release, Placed]] = {}
+        self.pick_stats = BatchStats()  # every node set's, together
+        self.release_stats = BatchStats()
 
-    async def pick(
-        self, model: str, node_ids: Sequence[str], lease_s: float | None
-    ) -> dict[str, Any] | None:
-        key = tuple(sorted(set(node_ids)))
+    async def pick(self, model: str, node_ids: Sequence[str], lease_s: float | None) -> Placed:
+        return await self._batch(tuple(sorted(set(node_ids)))).submit(Pick(model, lease_s))
+
+    async def release(self, node_id: str, model: str, replica_index: int) -> None:
+        await self._batch(()).submit(Release(node_id, model, replica_index))
+
+    def _batch(self, key: tuple[str, ...]) -> Coalescer[Pick | Release, Placed]:
         batch = self._by_nodes.get(key)
-        if batch is None:
-            batch = self._by_nodes[key] = self._batch(key)
-        return await batch.submit(Pick(model, lease_s))
+        if batch is not None:
+            return batch
 
-    def _batch(self, key: tuple[str, ...]) -> Coalescer[Pick, dict[str, Any] | None]:
         def forget() -> None:
             if self._by_nodes.get(key) is batch:
                 del self._by_nodes[key]
 
-        batch: Coalescer[Pick, dict[str, Any] | None] = Coalescer(
-            lambda picks: self._place(list(key), picks),
+        batch = self._by_nodes[key] = Coalescer(
+            lambda items: self._write(list(key), items),
             name="findlock",
             max_batch=MAX_BATCH,
             on_idle=forget,
-            stats=self.stats,
         )
         return batch
 
     def __len__(self) -> int:
-        """Node sets with picks in flight."""
+        """Node sets with writes in flight."""
         return len(self._by_nodes)
 
-    async def _place(self, node_ids: list[str], picks: list[Pick]) -> list[dict[str, Any] | None]:
+    async def _write(self, node_ids: list[str], items: list[Pick | Release]) -> list[Placed]:
+        picks = [i for i in items if isinstance(i, Pick)]
+        releases = [i for i in items if isinstance(i, Release)]
+        started = time.perf_counter_ns()
+        try:
+            placed = iter(await self._place(node_ids, picks, releases))
+        finally:
+            took = time.perf_counter_ns() - started
+            if picks:
+                self.pick_stats.note(len(picks), took)
+            if releases:
+                self.release_stats.note(len(releases), took)
+        return [next(placed) if isinstance(i, Pick) else None for i in items]
+
+    async def _place(
+        self, node_ids: list[str], picks: list[Pick], releases: list[Release]
+    ) -> list[Placed]:
+        if not picks:
+            await release(self._db, releases)
+            return []
         lease_ids = [None if p.lease_s is None else new_lease_id() for p in picks]
-        if len(picks) == 1:
+        if len(picks) == 1 and not releases:
             # Alone: the one-pick statement, which PostgreSQL plans in a
             # fraction of the time the batch statement takes.
             row = await self._db.fetchrow(
@@ -264,20 +319,26 @@ class Picks:
             )
             return [None if row is None else reply(row)]
         rows = await self._db.fetch(
-            PICK_BATCH, [p.model for p in picks], node_ids, lease_ids, [p.lease_s for p in picks]
+            PICK_BATCH,
+            [p.model for p in picks],
+            node_ids,
+            lease_ids,
+            [p.lease_s for p in picks],
+            [r.node_id for r in releases],
+            [r.model for r in releases],
+            [r.replica_index for r in releases],
         )
-        placed: list[dict[str, Any] | None] = [None] * len(picks)
+        placed: list[Placed] = [None] * len(picks)
         for row in rows:
             placed[row["ord"] - 1] = reply(row)
         return placed
 
 
-@group.op("findlock", FindLockRequest, data=lambda ctx: ctx.batches.picks.stats.as_dict())
+@group.op("findlock", FindLockRequest, data=lambda ctx: ctx.batches.pick_stats.as_dict())
 async def findlock(ctx: Context, req: FindLockRequest) -> Any:
     """Pick the best loaded replica of a model and count one request in flight on it."""
     if req.prefer is None:
-        picks = ctx.batches.picks
-        picked = await picks.pick(req.model, req.node_ids, req.lease_s)
+        picked = await ctx.batches.pick(req.model, req.node_ids, req.lease_s)
     else:
         row = await ctx.db.fetchrow(
             PICK_PREFERRED,
@@ -301,8 +362,9 @@ INFLIGHT_INC = """
 
 # Guarded by in_flight > 0: a second decrement of the same request cannot
 # drive the counter negative (the schema's check would refuse it anyway).
-# Decrements that arrive together, as one statement: per replica the count of
-# requests that ended, never below zero; rows locked in id order (see PICK_BATCH).
+# Releases that arrive together with no pick to ride with, as one statement:
+# per replica the count of requests that ended, never below zero; rows locked
+# in id order (see PICK_BATCH).
 INFLIGHT_DEC = """
     WITH ended AS (
         SELECT node_id, model, idx, count(*)::int AS n
@@ -328,13 +390,17 @@ INFLIGHT_DEC_ONE = """
      WHERE node_id = $1 AND model_name = $2 AND replica_index = $3 AND in_flight > 0"""
 
 
-async def decrement(db: Database, ended: list[tuple[str, str, int]]) -> list[None]:
+async def release(db: Database, ended: list[Release]) -> None:
     if len(ended) == 1:
-        await db.execute(INFLIGHT_DEC_ONE, *ended[0])
-        return [None]
-    nodes, models, indexes = (list(column) for column in zip(*ended, strict=True))
-    await db.execute(INFLIGHT_DEC, nodes, models, indexes)
-    return [None] * len(ended)
+        one = ended[0]
+        await db.execute(INFLIGHT_DEC_ONE, one.node_id, one.model, one.replica_index)
+        return
+    await db.execute(
+        INFLIGHT_DEC,
+        [r.node_id for r in ended],
+        [r.model for r in ended],
+        [r.replica_index for r in ended],
+    )
 
 
 @group.op("inflight_inc", ReplicaRef)
@@ -373,9 +439,7 @@ class InflightDecRequest(Request):
     replica_index: ReplicaIndex = 0
 
 
-@group.op(
-    "inflight_dec", InflightDecRequest, data=lambda ctx: ctx.batches.decrements.stats.as_dict()
-)
+@group.op("inflight_dec", InflightDecRequest, data=lambda ctx: ctx.batches.release_stats.as_dict())
 async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
     """A request on a replica finished, by replica or by lease (never below zero)."""
     if req.lease_id is not None:
@@ -389,7 +453,7 @@ async def inflight_dec(ctx: Context, req: InflightDecRequest) -> Any:
         )
     if req.model is None:
         raise BadRequest("missing required field 'model'")
-    await ctx.batches.decrements.submit((req.node_id, req.model, req.replica_index))
+    await ctx.batches.release(req.node_id, req.model, req.replica_index)
     return OK
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.app import Daemon
 from infra.db import Database
-from subjects.routing import Picks
+from subjects.routing import Batches
 from tests.support import CallError, Client
 
 
@@ -142,16 +142,19 @@ async def test_concurrent_picks_spread_over_replicas(
     assert max(counts) - min(counts) <= 2, counts
 
 
-class CountedPicks(Picks):
-    """findlock's batches, recording the size of each statement's batch."""
+class CountedBatches(Batches):
+    """The routing batches, recording what each statement carried: per node
+    set, how many picks and how many releases."""
 
     def __init__(self, db: Database) -> None:
         super().__init__(db)
         self.batches: Counter[tuple[tuple[str, ...], int]] = Counter()
+        self.carried: list[tuple[int, int]] = []
 
-    async def _place(self, node_ids: list[str], picks: Any) -> list[dict[str, Any] | None]:
+    async def _place(self, node_ids: list[str], picks: Any, releases: Any) -> Any:
         self.batches[tuple(node_ids), len(picks)] += 1
-        return await super()._place(node_ids, picks)
+        self.carried.append((len(picks), len(releases)))
+        return await super()._place(node_ids, picks, releases)
 
 
 async def test_a_node_sets_batch_lives_only_while_its_picks_run(
@@ -164,7 +167,7 @@ async def test_a_node_sets_batch_lives_only_while_its_picks_run(
     await client.replica(a)
     await client.replica(b)
     assert daemon.db is not None
-    picks = CountedPicks(daemon.db)
+    picks = CountedBatches(daemon.db)
     sets = [(a["id"],), (b["id"],), (a["id"], b["id"])]
     burst = asyncio.gather(*(picks.pick("m", sets[i % 3], None) for i in range(30)))
     await asyncio.sleep(0)  # every pick has started: the first of each set is running
@@ -177,6 +180,69 @@ async def test_a_node_sets_batch_lives_only_while_its_picks_run(
     # A set seen before gets a batch again.
     assert await picks.pick("m", [b["id"], a["id"]], None) is not None
     assert len(picks) == 0
+
+
+async def test_releases_go_out_with_the_next_picks_and_count_first(
+    daemon: Daemon, client: Client
+) -> None:
+    # A router's release and its next pick write the same rows: they share
+    # one statement, and the picks see the replicas as the releases left them.
+    a, b = await client.healthy_node("gpu-a"), await client.healthy_node("gpu-b")
+    await client.replica(a, in_flight=5)
+    await client.replica(b, in_flight=3)
+    assert daemon.db is not None
+    batches = CountedBatches(daemon.db)
+    first = asyncio.ensure_future(batches.pick("m", [], None))
+    await asyncio.sleep(0)  # the first pick is running: the rest wait for it
+    meanwhile = [batches.release(a["id"], "m", 0) for _ in range(3)]
+    meanwhile += [batches.pick("m", [], None) for _ in range(2)]
+    done = await asyncio.gather(first, *meanwhile)
+    assert batches.carried == [(1, 0), (2, 3)]
+    placed = [p for p in done if p is not None]
+    # First b (3 -> 4); then a, down to 2 by its three releases, takes both.
+    assert [(p["node"]["name"], p["replica"]["in_flight"]) for p in placed] == [
+        ("gpu-b", 4),
+        ("gpu-a", 3),
+        ("gpu-a", 4),
+    ]
+    for node in (a, b):
+        row = await client.call("replica_get", node_id=node["id"], model="m")
+        assert row["in_flight"] == 4, node["name"]
+
+
+async def test_routers_picking_and_releasing_at_once_lose_no_count(client: Client) -> None:
+    # 32 routers, each picking and then releasing what it picked, some by
+    # lease: every release comes back, whatever statement it rode in, and the
+    # counts end where they started; the ones kept open are still counted.
+    nodes = [await client.healthy_node(f"gpu-{i}") for i in range(3)]
+    for node in nodes:
+        await client.replica(node, in_flight=1)
+
+    async def router(r: int) -> int:
+        kept = 0
+        for i in range(6):
+            leased = (r + i) % 4 == 0
+            got = await client.call("findlock", model="m", **({"lease_s": 60} if leased else {}))
+            if (r + i) % 7 == 0:
+                kept += 1  # still in flight at the end
+            elif leased:
+                await client.call("inflight_dec", lease_id=got["replica"]["lease_id"])
+            else:
+                ref = got["replica"]
+                await client.call(
+                    "inflight_dec",
+                    node_id=ref["node_id"],
+                    model="m",
+                    replica_index=ref["replica_index"],
+                )
+        return kept
+
+    kept = sum(await asyncio.gather(*(router(r) for r in range(32))))
+    counts = [
+        (await client.call("replica_get", node_id=n["id"], model="m"))["in_flight"] for n in nodes
+    ]
+    assert kept > 0 and sum(counts) == 3 + kept, counts
+    assert min(counts) >= 1, counts
 
 
 async def test_inflight_inc_needs_a_replica(client: Client) -> None:
