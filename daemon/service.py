@@ -254,7 +254,7 @@ class RegistryEndpoint:
             if work is not None:
                 await work()
             return
-        await self._turns.submit(self, msg)
+        await self._turns.submit(self, msg, alone=sub is not None and not sub.pending_msgs)
 
     async def begin(self, msg: Msg) -> Work | None:
         """Check the request; answer a bad one now, else return its handling."""

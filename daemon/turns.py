@@ -10,6 +10,9 @@ which checks the request (CPU only) and answers a bad one at once, then starts a
 task for a good one's handler. It yields after every request while handlers
 are running (else every half millisecond), so those already running are not
 held up behind a queue of checks either.
+A request with nothing waiting, here or behind it in its subscription (a
+quiet router's), is begun as it is submitted: its turn is now, and waking
+the loop for it would cost a round of the event loop on every request.
 
 Bounds: `limit` handler tasks at once; `per_requester` of them for any one
 requester (the rest of its requests wait for its next turn); `backlog` requests
@@ -97,9 +100,16 @@ class Turns:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
 
-    async def submit(self, endpoint: Endpoint, msg: Msg) -> None:
+    async def submit(self, endpoint: Endpoint, msg: Msg, alone: bool = False) -> None:
         requester = requester_of(msg)
         size = len(msg.data)
+        if alone and not self._waiting_count and size < LARGE and self._may_run(requester):
+            # Nothing waits, here or behind it in the subscription: its turn
+            # is now, without waking the loop for it.
+            self._idle.clear()
+            await self._begin(requester, endpoint, msg, large=False)
+            self._settle()
+            return
         if (
             self._waiting_count >= self._backlog
             or self._waiting_bytes + size > 4 * self._backlog_bytes
@@ -124,6 +134,11 @@ class Turns:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    def _may_run(self, requester: str) -> bool:
+        return (
+            len(self._tasks) < self._limit and self._running.get(requester, 0) < self._per_requester
+        )
 
     def _next(self) -> tuple[str, Endpoint, Msg] | None:
         if len(self._tasks) >= self._limit:
@@ -161,16 +176,7 @@ class Turns:
                 if not self._may_check_large():
                     await endpoint.overloaded(msg)
                     continue
-            checking = self._clock()
-            try:
-                work = await endpoint.begin(msg)
-            except Exception:  # begin answers what it can; never lose the loop
-                log.exception("could not start a request")
-                work = None
-            if large:
-                self._credit -= self._clock() - checking
-            if work is not None:
-                self._run(requester, work, large=large)
+            await self._begin(requester, endpoint, msg, large)
             # While handlers run, let their continuations in after every
             # request, so a flood of checks does not stretch their latency.
             # Otherwise yield every half millisecond: yielding after each would
@@ -178,6 +184,18 @@ class Turns:
             if self._tasks or time.perf_counter() - sliced > SLICE:
                 await asyncio.sleep(0)
                 sliced = time.perf_counter()
+
+    async def _begin(self, requester: str, endpoint: Endpoint, msg: Msg, large: bool) -> None:
+        checking = self._clock()
+        try:
+            work = await endpoint.begin(msg)
+        except Exception:  # begin answers what it can; never lose the loop
+            log.exception("could not start a request")
+            work = None
+        if large:
+            self._credit -= self._clock() - checking
+        if work is not None:
+            self._run(requester, work, large=large)
 
     async def _read_first(self) -> None:
         # Checking a large body holds the loop for milliseconds, and nats-py

@@ -257,3 +257,20 @@ async def test_large_requests_one_at_a_time_are_always_checked() -> None:
         await turns.wait_idle()
     assert len(endpoint.begun) == 10 and not endpoint.refused
     await turns.stop()
+
+
+async def test_a_lone_request_starts_at_once_but_never_ahead_of_others() -> None:
+    # With nothing waiting, a request is begun as it is submitted (a quiet
+    # router's findlock does not wait for the loop to come round); with
+    # others waiting, it takes its turn like any other.
+    turns, endpoint = Turns(limit=10, per_requester=10), Recorder()
+    endpoint.release.set()
+    await turns.submit(endpoint, msg("_INBOX.a", 0), alone=True)
+    assert endpoint.begun == ["_INBOX.a.0"]  # the loop has not even started
+    await turns.submit(endpoint, msg("_INBOX.a", 1))  # waits for the loop
+    await turns.submit(endpoint, msg("_INBOX.b", 0), alone=True)
+    assert endpoint.begun == ["_INBOX.a.0"]
+    turns.start()
+    await turns.wait_idle()
+    assert endpoint.begun == ["_INBOX.a.0", "_INBOX.a.1", "_INBOX.b.0"]
+    await turns.stop()
