@@ -39,7 +39,7 @@ log = logging.getLogger("registryd.turns")
 SLICE = 0.0005  # seconds of checking between two chances for others to run
 LARGE = 64 * 1024  # a body whose check takes long enough to read first
 CATCH_UP_TURNS = 100  # at most, before checking a large body
-LARGE_SHARE = 0.25  # of the time, at most, spent checking large bodies while more wait
+LARGE_SHARE = 0.1  # of the time, at most, spent checking large bodies
 LARGE_CREDIT = 0.02  # seconds of large checks allowed in one go
 
 Work = Callable[[], Coroutine[Any, Any, None]]
@@ -217,14 +217,14 @@ class Turns:
         # the daemon off once 64 MiB wait for it. Checking a megabyte body
         # costs a few milliseconds, about what reading two or three does, so
         # a burst of them checked back to back leaves reading half the time.
-        # While large bodies queue up, checking them gets at most LARGE_SHARE
-        # of the time (LARGE_CREDIT at once), and those past it are refused
-        # unchecked (503). One at a time (nothing else waiting, the socket
-        # drained) is always checked.
+        # Checking large bodies gets at most LARGE_SHARE of the time
+        # (LARGE_CREDIT at once); those past it are refused unchecked (503).
+        # Whether others wait is no guide: in a burst the loop empties the
+        # queue as fast as nats-py fills it, while nats-server holds the rest.
         now = self._clock()
         self._credit = min(LARGE_CREDIT, self._credit + (now - self._credited) * LARGE_SHARE)
         self._credited = now
-        return self._credit > 0 or not (self._waiting_count or self._unread())
+        return self._credit > 0
 
     async def _read_first_then(self, work: Work) -> None:
         # A large request's handling costs in proportion (a findlock over
