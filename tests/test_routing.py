@@ -297,3 +297,44 @@ async def test_bad_findlock_requests_name_the_field(
     with pytest.raises(CallError) as err:
         await client.call("findlock", body)
     assert err.value.code == 400 and f"'{field}'" in err.value.message
+
+
+async def test_bad_releases_never_reach_the_statement_other_routers_share(
+    client: Client,
+) -> None:
+    # Releases ride in the statement that places other routers' picks, so one
+    # that could fail there would fail theirs too. A Go client's zero values
+    # and nulls, text PostgreSQL cannot store, an index past int4 and a
+    # replica that does not exist, sent while 30 routers pick at once: the bad
+    # ones are refused 400 on their own, the rest change nothing, and every
+    # pick is placed.
+    node = await client.healthy_node("gpu-a")
+    await client.replica(node, in_flight=5)
+    hostile: list[dict[str, Any] | bytes] = [
+        {"node_id": node["id"], "model": "m\u0000", "replica_index": 0},
+        b'{"node_id": "gpu\\ud800", "model": "m", "replica_index": 0}',
+        {"node_id": node["id"], "model": "m", "replica_index": 2**40},
+        {"node_id": node["id"], "model": None, "replica_index": 0},
+        {"node_id": None, "model": None, "replica_index": 0, "lease_id": None},
+    ]
+    harmless = [
+        {"node_id": node["id"], "model": "other", "replica_index": 0},
+        {"node_id": "no-such-node", "model": "m", "replica_index": 0},
+    ]
+
+    async def refused(body: dict[str, Any] | bytes) -> int:
+        try:
+            await client.call("inflight_dec", body)
+        except CallError as err:
+            return err.code
+        return 200
+
+    picks, codes = await asyncio.gather(
+        asyncio.gather(*(client.call("findlock", model="m") for _ in range(30))),
+        asyncio.gather(*(refused(body) for body in hostile + harmless * 15)),
+    )
+    assert all(p["node"]["id"] == node["id"] for p in picks)
+    assert codes[: len(hostile)] == [400] * len(hostile)
+    assert set(codes[len(hostile) :]) == {200}
+    row = await client.call("replica_get", node_id=node["id"], model="m")
+    assert row["in_flight"] == 5 + 30
