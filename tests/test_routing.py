@@ -210,6 +210,53 @@ async def test_releases_go_out_with_the_next_picks_and_count_first(
         assert row["in_flight"] == 4, node["name"]
 
 
+async def test_each_pick_of_a_batch_says_what_it_left_and_holds_its_own_lease(
+    daemon: Daemon, client: Client, pg: asyncpg.Connection
+) -> None:
+    # A batch sends each replica once, however many of its picks landed there:
+    # every reply must still show the count its own pick left, as picks one
+    # after the other would, and a leased pick its own lease, on its replica.
+    loads = {"gpu-a": 0, "gpu-b": 3, "gpu-c": 1, "gpu-d": 6}
+    for name, load in loads.items():
+        await client.replica(await client.healthy_node(name), in_flight=load)
+    assert daemon.db is not None
+    batches = CountedBatches(daemon.db)
+    first = asyncio.ensure_future(batches.pick("m", [], None))
+    await asyncio.sleep(0)  # the first pick is running: the rest wait for it
+    rest = [batches.pick("m", [], 30.0 if i % 3 == 0 else None) for i in range(11)]
+    placed = [p for p in await asyncio.gather(first, *rest) if p is not None]
+    assert batches.carried == [(1, 0), (11, 0)]
+
+    # Water filling: each pick goes to a least loaded replica, one unit at a time.
+    level = sorted(loads.values())
+    expected = []
+    for _ in range(12):
+        level.sort()
+        level[0] += 1
+        expected.append(level[0])
+    assert [p["replica"]["in_flight"] for p in placed] == expected
+    final = {
+        r["name"]: r["in_flight"]
+        for r in await pg.fetch(
+            "SELECT n.name, r.in_flight FROM replicas r JOIN nodes n ON n.id = r.node_id"
+        )
+    }
+    seen: dict[str, list[int]] = {}
+    for p in placed:
+        seen.setdefault(p["node"]["name"], []).append(p["replica"]["in_flight"])
+    for name, load in loads.items():  # each pick on a replica saw the one before it
+        assert seen.get(name, []) == list(range(load + 1, final[name] + 1)), name
+
+    leased = [p for i, p in enumerate(placed[1:]) if i % 3 == 0]
+    assert all("lease_id" not in p["replica"] for p in placed if p not in leased)
+    ids = [p["replica"]["lease_id"] for p in leased]
+    assert len(set(ids)) == len(ids) == 4
+    rows = await pg.fetch("SELECT id, replica_id FROM leases")
+    assert {r["id"]: r["replica_id"] for r in rows} == {
+        p["replica"]["lease_id"]: p["replica"]["id"] for p in leased
+    }
+
+
 async def test_routers_picking_and_releasing_at_once_lose_no_count(client: Client) -> None:
     # 32 routers, each picking and then releasing what it picked, some by
     # lease: every release comes back, whatever statement it rode in, and the
