@@ -5,12 +5,14 @@ pin down the order and the bounds a flood test cannot see one by one."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 from nats.aio.msg import Msg
 
 from daemon.nats_reads import READ_CHUNK
 from daemon.turns import (
+    BUSY_SLICE,
     CATCH_UP_TURNS,
     LARGE,
     LARGE_CREDIT,
@@ -268,4 +270,35 @@ async def test_a_lone_request_starts_at_once_but_never_ahead_of_others() -> None
     turns.start()
     await turns.wait_idle()
     assert endpoint.begun == ["_INBOX.a.0", "_INBOX.a.1", "_INBOX.b.0"]
+    await turns.stop()
+
+
+async def test_running_handlers_get_in_between_slices_of_checks() -> None:
+    # A wave of requests is begun a slice of checking at a time, not one per
+    # round of the loop (at 64 routers they queued here longer than their
+    # statement took), and a handler already running still gets in after
+    # every slice, however long the queue.
+    clock, endpoint = Clock(), Recorder()
+    turns = Turns(limit=100, per_requester=100, clock=clock)
+    begin = endpoint.begin
+    check = BUSY_SLICE / 2.5  # what checking one request takes
+
+    async def timed_begin(m: Msg) -> Work | None:
+        clock.now += check
+        return await begin(m)
+
+    endpoint.begin = timed_begin  # type: ignore[method-assign]
+    turns.start()
+    await started(turns, endpoint, msg("_INBOX.router", 0))  # a handler runs
+    for i in range(30):
+        await turns.submit(endpoint, msg("_INBOX.wave", i))
+    seen = []  # requests begun, each time the running handler came round
+    while len(endpoint.begun) < 31:
+        await asyncio.sleep(0)
+        seen.append(len(endpoint.begun))
+    steps = [b - a for a, b in itertools.pairwise(seen) if b > a]
+    assert max(steps) == 3  # as many as fit in a slice, then the handler's turn
+    assert len(steps) >= 30 // 3
+    endpoint.release.set()
+    await turns.wait_idle()
     await turns.stop()
