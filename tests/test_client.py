@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from daemon import embedded
 from daemon.app import Daemon
@@ -286,6 +287,39 @@ async def test_findlock_and_leases(registry: Registry) -> None:
         await registry.lease_renew(leased.lease_id, 60)
     with pytest.raises(NotFound):
         await registry.findlock("unknown-model")
+
+
+async def test_each_reply_reaches_its_own_request(registry: Registry, nc: NATS) -> None:
+    # Requests share one inbox subscription: 200 at once, half for nodes that
+    # do not exist, each get their own answer.
+    nodes = [await registry.register(f"gpu-{i}", address=f"gpu-{i}:1") for i in range(100)]
+    ids = [n.id for n in nodes] + [f"missing-{i}" for i in range(100)]
+    got = await asyncio.gather(*(registry.get(i) for i in ids), return_exceptions=True)
+    assert [g.id for g in got[:100]] == ids[:100]  # type: ignore[union-attr]
+    for g, i in zip(got[100:], ids[100:], strict=True):
+        assert isinstance(g, NotFound) and i in g.message
+
+    # A reply that comes after its request gave up is dropped; the next
+    # request is answered as usual, and nothing is kept for either.
+    async def late(msg: Msg) -> None:
+        await asyncio.sleep(0.3)
+        await msg.respond(b"{}")
+
+    slow = await nc.subscribe("slow.get", cb=late)
+    try:
+        patient = Registry(nc, registry.prefix, timeout=0.1)
+        patient_slow = Registry(nc, "slow", timeout=0.1)
+        with pytest.raises(Timeout):
+            await patient_slow.get("x")
+        await asyncio.sleep(0.4)  # the late reply has arrived meanwhile
+        assert (await patient.get(ids[0])).id == ids[0]
+        for client in (patient, patient_slow, registry):
+            assert client._replies is not None
+            assert not client._replies.result()._waiting  # private: checks the bound
+    finally:
+        await slow.unsubscribe()
+        await patient.close()
+        await patient_slow.close()
 
 
 async def test_explain(registry: Registry) -> None:
