@@ -12,7 +12,7 @@ import pytest
 from daemon.app import Daemon
 from infra.db import Database
 from subjects.routing import Batches
-from tests.support import CallError, Client
+from tests.support import CallError, Client, eventually
 
 
 async def pick(client: Client, model: str = "m", **fields: Any) -> tuple[str, int]:
@@ -208,6 +208,47 @@ async def test_releases_go_out_with_the_next_picks_and_count_first(
     for node in (a, b):
         row = await client.call("replica_get", node_id=node["id"], model="m")
         assert row["in_flight"] == 4, node["name"]
+
+
+async def test_a_release_waits_only_for_picks_of_its_own_model(
+    daemon: Daemon, client: Client, pg: asyncpg.Connection, database_url: str
+) -> None:
+    # A release rides with picks of its model (they write the same rows); a
+    # release of another model shares no row with them and does not wait for
+    # them, however long they take: here, a pick held up by a lock.
+    a, b = await client.healthy_node("gpu-a"), await client.healthy_node("gpu-b")
+    await client.replica(a, model="slow", in_flight=1)
+    await client.replica(b, model="m", in_flight=1)
+    assert daemon.db is not None
+    batches = Batches(daemon.db)
+
+    async def blocked() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+
+    holder = await asyncpg.connect(database_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM replicas WHERE model_name = 'slow' FOR UPDATE")
+        picking = asyncio.ensure_future(batches.pick("slow", [], None))
+        await eventually(blocked, "the pick to wait for the lock")
+        await asyncio.wait_for(batches.release(b["id"], "m", 0), 10)  # not behind it
+        riding = asyncio.ensure_future(batches.release(a["id"], "slow", 0))
+        await asyncio.sleep(0.1)
+        assert not picking.done() and not riding.done()  # it waits with the picks
+        await tx.rollback()
+        placed = await picking
+        await riding
+    finally:
+        await holder.close()
+    assert placed is not None and placed["replica"]["in_flight"] == 2
+    counts = {r["model_name"]: r["in_flight"] for r in await pg.fetch("SELECT * FROM replicas")}
+    assert counts == {"slow": 1, "m": 0}
 
 
 async def test_each_pick_of_a_batch_says_what_it_left_and_holds_its_own_lease(
