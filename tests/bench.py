@@ -188,6 +188,7 @@ class Bench:
         section: what a section leaves behind (rows, dead row versions on a
         server whose autovacuum is off, counters) never weighs on the next."""
         self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+        self.stream = f"BENCH_{self.prefix}"
         self._service_id = None
         self.dbname = f"registryd_bench_{uuid.uuid4().hex[:8]}"
         admin = await asyncpg.connect(self.admin_url)
@@ -203,7 +204,7 @@ class Bench:
             "REGISTRY_NATS_URL": self.nats_url,
             "REGISTRY_DATABASE_URL": self.db_url,
             "REGISTRY_SUBJECT_PREFIX": self.prefix,
-            "REGISTRY_STREAM": f"BENCH_{self.prefix}",
+            "REGISTRY_STREAM": self.stream,
             "REGISTRY_AUTO_APPROVE": "true",
             "REGISTRY_LOG_LEVEL": "warning",
             "REGISTRY_STALE_AFTER": "3600",
@@ -236,7 +237,7 @@ class Bench:
         await self.daemon.wait()
         self.log.close()
         try:  # file storage on a server that may outlive this run
-            await self.nc.jetstream().delete_stream(f"BENCH_{self.prefix}")
+            await self.nc.jetstream().delete_stream(self.stream)
         except nats.js.errors.NotFoundError:
             pass
         await self.pool.close()
