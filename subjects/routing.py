@@ -321,6 +321,11 @@ class Batches:
         """Node sets with writes in flight."""
         return len(self._by_nodes)
 
+    @property
+    def models_picking(self) -> int:
+        """Models with picks of no node set running or waiting."""
+        return len(self._picking)
+
     async def _write(self, node_ids: list[str], items: list[Pick | Release]) -> list[Placed]:
         picks = [i for i in items if isinstance(i, Pick)]
         releases = [i for i in items if isinstance(i, Release)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from typing import Any
 
@@ -180,6 +181,33 @@ async def test_a_node_sets_batch_lives_only_while_its_picks_run(
     # A set seen before gets a batch again.
     assert await picks.pick("m", [b["id"], a["id"]], None) is not None
     assert len(picks) == 0
+
+
+async def test_a_model_is_counted_only_while_its_picks_run(daemon: Daemon, client: Client) -> None:
+    # Releases look up which models have picks under way; clients name models
+    # freely, made-up ones too, so a model ever seen must not stay in that map.
+    await client.replica(await client.healthy_node("gpu-a"))
+    assert daemon.db is not None
+    batches = Batches(daemon.db)
+    burst = asyncio.gather(
+        batches.pick("m", [], None), *(batches.pick(f"made-up-{i}", [], None) for i in range(2000))
+    )
+    await asyncio.sleep(0)  # every pick has started: the first is running, the rest wait
+    assert batches.models_picking == 2001
+    placed = await burst
+    assert placed[0] is not None and placed[1:] == [None] * 2000
+    assert batches.models_picking == 0
+    # A pick given up while it waits is forgotten too.
+    first = asyncio.ensure_future(batches.pick("m", [], None))
+    await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(batches.pick("gone", [], None))
+    await asyncio.sleep(0)
+    assert batches.models_picking == 2
+    waiting.cancel()
+    assert await first is not None
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert batches.models_picking == 0
 
 
 async def test_releases_go_out_with_the_next_picks_and_count_first(
