@@ -947,11 +947,12 @@ async def main(argv: list[str] | None = None) -> int:
                     await getattr(bench, section)()
         finally:
             await bench.teardown()
-    print()
-    print("| measured | registryd | baseline (same run) | ratio |")
-    print("|---|---|---|---|")
-    for row in bench.rows:
-        print("| " + " | ".join(row) + " |")
+    if bench.rows:  # none when the soak ran alone: it prints its own table
+        print()
+        print("| measured | registryd | baseline (same run) | ratio |")
+        print("|---|---|---|---|")
+        for row in bench.rows:
+            print("| " + " | ".join(row) + " |")
     return 0 if passed else 1
 
 
