@@ -117,7 +117,12 @@ CANDIDATES = """
 # indexes: joining picks to ranked slots instead cost time in the square of the
 # batch (0.8 of 1.6 ms for 32 picks of one model). Only a model's k best
 # replicas can receive a pick, so only they and the released ones are locked,
-# in id order: two daemons never wait for each other in a circle.
+# in id order: two daemons never wait for each other in a circle. They are
+# named to the lock as an array of ids, computed before any row is locked: as
+# `r.id IN (SELECT ... UNION ALL ...)`, a join PostgreSQL rechecks when a row
+# changed under it, the lock dropped replicas `best` had chosen (a pick got
+# 404 with its model's replicas loaded and idle) while other statements wrote
+# them, on a table whose rows had changed since it was last analysed.
 #
 # One row per replica picked, with its picks' positions (`ords`: the first took
 # slot 0, the next slot 1, and so on). Sixteen picks of a model with four
@@ -153,7 +158,7 @@ PICK_BATCH = f"""
         SELECT r.id, r.model_name, r.in_flight, r.last_used, r.state,
                n.status, n.available_vram
           FROM replicas r JOIN nodes n ON n.id = r.node_id
-         WHERE r.id IN (SELECT id FROM best UNION ALL SELECT id FROM ended)
+         WHERE r.id = ANY (ARRAY(SELECT id FROM best UNION ALL SELECT id FROM ended))
          ORDER BY r.id
            FOR UPDATE OF r
     ),
@@ -417,23 +422,24 @@ INFLIGHT_INC = """
 # drive the counter negative (the schema's check would refuse it anyway).
 # Releases that arrive together with no pick to ride with, as one statement:
 # per replica the count of requests that ended, never below zero; rows locked
-# in id order (see PICK_BATCH).
+# in id order, picked by an array of ids (see PICK_BATCH's `locked`).
 INFLIGHT_DEC = """
     WITH ended AS (
-        SELECT node_id, model, idx, count(*)::int AS n
+        SELECT r.id, count(*)::int AS n
           FROM unnest($1::text[], $2::text[], $3::int[]) AS t(node_id, model, idx)
-         GROUP BY node_id, model, idx
+          JOIN replicas r ON r.node_id = t.node_id AND r.model_name = t.model
+                         AND r.replica_index = t.idx
+         GROUP BY r.id
     ),
     locked AS (
-        SELECT r.id, ended.n FROM replicas r
-          JOIN ended ON r.node_id = ended.node_id AND r.model_name = ended.model
-                    AND r.replica_index = ended.idx
-         WHERE r.in_flight > 0
+        SELECT r.id FROM replicas r
+         WHERE r.id = ANY (ARRAY(SELECT id FROM ended)) AND r.in_flight > 0
          ORDER BY r.id
-           FOR UPDATE OF r
+           FOR UPDATE
     )
-    UPDATE replicas r SET in_flight = GREATEST(r.in_flight - locked.n, 0)
-      FROM locked WHERE r.id = locked.id"""
+    UPDATE replicas r SET in_flight = GREATEST(r.in_flight - e.n, 0)
+      FROM locked JOIN ended e ON e.id = locked.id
+     WHERE r.id = locked.id"""
 
 
 # One decrement alone (a quiet router): the same guard, without the arrays,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
+from nats.errors import NoRespondersError
 
 from daemon.app import Daemon
 from infra.db import Database
 from subjects.routing import Batches
-from tests.support import CallError, Client, eventually
+from tests.support import CallError, Client, Registryd, connect, eventually
 
 
 async def pick(client: Client, model: str = "m", **fields: Any) -> tuple[str, int]:
@@ -454,3 +456,74 @@ async def test_bad_releases_never_reach_the_statement_other_routers_share(
     assert set(codes[len(hostile) :]) == {200}
     row = await client.call("replica_get", node_id=node["id"], model="m")
     assert row["in_flight"] == 5 + 30
+
+
+async def test_busy_routers_over_many_models_always_find_a_replica(
+    spawn: Callable[..., Awaitable[Registryd]],
+    daemon_env: dict[str, str],
+    nats_url: str,
+    pg: asyncpg.Connection,
+) -> None:
+    # 64 routers making findlock + inflight_dec pairs over 200 models of two
+    # replicas each, against a daemon of its own process, as in production:
+    # picks of some models and releases of others run in statements at the
+    # same time and lock the same rows. Every pick must get a replica: the
+    # benchmark's routers got 404 for a model with both replicas loaded,
+    # healthy and idle, when a pick statement's row lock dropped a replica
+    # it had chosen.
+    await pg.execute(
+        """INSERT INTO nodes (name, address, status, approved, available_vram, total_vram)
+           SELECT 'gpu-' || g, 'a:1', 'healthy', true, 1 << 34, 1 << 35
+             FROM generate_series(1, 400) g"""
+    )
+    await pg.execute(
+        """INSERT INTO replicas (node_id, model_name, replica_index, state)
+           SELECT n.id, 'm' || m, 0, 'loaded' FROM generate_series(1, 200) m,
+                  LATERAL (SELECT id FROM nodes ORDER BY md5(name || m) LIMIT 2) n"""
+    )
+    await pg.execute("ANALYZE")  # plans for a table of this size
+    # Rows with a history of versions since, as in any running cluster; the
+    # pick statement lost rows only then.
+    await pg.execute(
+        """DO $$ BEGIN FOR i IN 1..3 LOOP
+             UPDATE replicas SET in_flight = in_flight + 1, last_used = now();
+             UPDATE replicas SET in_flight = in_flight - 1;
+           END LOOP; END $$"""
+    )
+    registryd = await spawn(env={**daemon_env, "REGISTRY_STALE_AFTER": "3600"})
+    nc = await connect(nats_url)
+    client = Client(nc, daemon_env["REGISTRY_SUBJECT_PREFIX"])
+    missed: list[str] = []
+
+    async def router(seed: int) -> None:
+        for i in range(250):
+            model = f"m{(seed * 7919 + i * 104729) % 200 + 1}"
+            try:
+                got = await client.call("findlock", model=model)
+            except CallError as exc:
+                missed.append(f"{model}: {exc}")
+                continue
+            replica = got["replica"]
+            await client.call(
+                "inflight_dec",
+                node_id=replica["node_id"],
+                model=model,
+                replica_index=replica["replica_index"],
+            )
+
+    async def answers() -> bool:
+        registryd.assert_running()
+        try:
+            await client.call("list", limit=1)
+        except NoRespondersError:
+            return False
+        return True
+
+    try:
+        await eventually(answers, "the daemon to answer", 60)
+        await asyncio.gather(*(router(seed) for seed in range(64)))
+    finally:
+        await nc.close()
+    registryd.assert_running()
+    assert missed == []
+    assert await pg.fetchval("SELECT sum(in_flight) FROM replicas") == 0
