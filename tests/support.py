@@ -360,3 +360,40 @@ class Registryd:
     def assert_running(self) -> None:
         if not self.running:
             pytest.fail(f"registryd exited with {self.proc.returncode}:\n{self.output()}")
+
+
+# What a client meets while a daemon starts, or reconnects after NATS comes
+# back: nobody subscribed yet, no answer in time, its own connection still
+# reconnecting, or 503 (the daemon up, its database not yet).
+NOT_YET = (
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionReconnectingError,
+)
+
+
+async def serving(
+    client: Client,
+    daemon: Registryd | None = None,
+    op: str = "list",
+    within: float = 30.0,
+    **fields: Any,
+) -> Any:
+    """The first answer to `op` through `client`, once a daemon serves it.
+
+    Fails at once, with its log, if `daemon` exits meanwhile; any error reply
+    but 503 fails too, rather than being waited out as "not yet"."""
+
+    async def answered() -> Any:
+        if daemon is not None:
+            daemon.assert_running()
+        try:
+            return await client.call(op, **fields)
+        except NOT_YET:
+            return None
+        except CallError as err:
+            if err.code == 503:
+                return None
+            raise
+
+    return await eventually(answered, f"the daemon to answer {op!r}", within)

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from daemon import embedded, service, turns
 from daemon.app import Daemon
 from infra.wire import ERROR_CODE_HEADER
-from tests.support import MALFORMED, Client, Registryd, connect, eventually
+from tests.support import MALFORMED, Client, Registryd, connect, eventually, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -59,15 +59,7 @@ async def burst_of_lists(client: Client, count: int) -> list[Msg]:
 
 async def node_with_llama(daemon: Registryd, client: Client) -> dict[str, Any]:
     """Once the daemon serves, a healthy node with a loaded replica of "llama"."""
-
-    async def serving() -> bool | None:
-        daemon.assert_running()
-        try:
-            return await client.call("list") == []
-        except Exception:
-            return None
-
-    await eventually(serving, "the daemon to serve")
+    assert await serving(client, daemon) == []
     node = await client.healthy_node("gpu-1")
     await client.replica(node, "llama")
     return node

@@ -13,7 +13,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from daemon import embedded
-from tests.support import CallError, Client, Registryd, Worker, connect, eventually, until
+from tests.support import CallError, Client, Registryd, Worker, connect, eventually, serving, until
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -66,16 +66,6 @@ async def client_of(own_nats: OwnNats, daemon_env: dict[str, str]) -> AsyncItera
     await nc.close()
 
 
-async def serving(client: Client) -> Any:
-    async def answer() -> Any:
-        try:
-            return await client.call("backend_ops", dead=True) is not None
-        except Exception:
-            return False
-
-    return await until(answer, timeout=30)
-
-
 async def test_an_intent_survives_kill_9_of_the_daemon(
     spawn: Callable[..., Awaitable[Registryd]],
     env: dict[str, str],
@@ -83,14 +73,14 @@ async def test_an_intent_survives_kill_9_of_the_daemon(
     client_of: Client,
 ) -> None:
     first = await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     node = await client_of.register("gpu-1")  # pending: nothing goes out yet
     queued = await client_of.call("backend_op", node_id=node["id"], backend="b", op="install")
     first.send(signal.SIGKILL)
     assert await first.exit_code() == -signal.SIGKILL
 
     await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     assert await client_of.call("backend_ops") == [queued]
     worker = await Worker(client_of, node["id"]).start()
     await client_of.call("approve", node_id=node["id"])
@@ -106,7 +96,7 @@ async def test_intents_and_delivery_survive_a_nats_restart(
     client_of: Client,
 ) -> None:
     daemon = await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     node = await client_of.register("gpu-1")
     queued = await client_of.call("backend_op", node_id=node["id"], backend="b", op="delete")
 
@@ -115,7 +105,8 @@ async def test_intents_and_delivery_survive_a_nats_restart(
         await client_of.call("backend_ops")
     own_nats.restart()
 
-    await serving(client_of)  # the daemon reconnected and serves again by itself
+    # The daemon reconnected and serves again by itself.
+    await serving(client_of, op="backend_ops", dead=True)
     daemon.assert_running()
     assert await client_of.call("backend_ops") == [queued]
     worker = await Worker(client_of, node["id"]).start()
@@ -133,7 +124,7 @@ async def test_two_daemons_one_killed_mid_queue_deliver_every_intent(
 ) -> None:
     one = await spawn(env=env)
     await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     node = await client_of.register("gpu-1")
     for b in range(20):
         await client_of.call("backend_op", node_id=node["id"], backend=f"b{b}", op="install")
@@ -168,7 +159,7 @@ async def test_a_delivery_cut_short_by_kill_9_is_made_again_by_another_daemon(
     client_of: Client,
 ) -> None:
     first = await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     node = await client_of.healthy_node("gpu-1")
     worker = await Worker(client_of, node["id"]).start()
     worker.gate = asyncio.Event()  # the worker is busy installing...
@@ -179,7 +170,7 @@ async def test_a_delivery_cut_short_by_kill_9_is_made_again_by_another_daemon(
     worker.gate.set()
 
     await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     await until(lambda: _empty(client_of), timeout=30)
     # Asked once more, after the first request's timeout: not lost, not doubled.
     assert [r[0] for r in worker.requests] == ["install", "install"]
@@ -192,7 +183,7 @@ async def test_a_reissue_of_a_delivery_cut_short_by_kill_9_goes_out_once(
     client_of: Client,
 ) -> None:
     first = await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     node = await client_of.healthy_node("gpu-1")
     worker = await Worker(client_of, node["id"]).start()
     worker.gate = asyncio.Event()
@@ -204,7 +195,7 @@ async def test_a_reissue_of_a_delivery_cut_short_by_kill_9_goes_out_once(
     worker.gate.set()
 
     await spawn(env=env)
-    await serving(client_of)
+    await serving(client_of, op="backend_ops", dead=True)
     # Reissued under the dead daemon's claim: it waits for that claim to end,
     # then goes out once, with the new galleries, and not again after that.
     await client_of.call("backend_op", **op, galleries="v2")

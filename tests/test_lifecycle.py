@@ -29,7 +29,7 @@ from daemon import __version__, embedded
 from daemon.app import Daemon
 from daemon.sdnotify import Notifier
 from tests.conftest import REGISTRYD, with_database
-from tests.support import Client, Registryd, connect, eventually
+from tests.support import Client, Registryd, connect, eventually, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -549,14 +549,7 @@ async def test_json_logs_are_one_object_per_line_with_the_facts_as_fields(
     nc = await connect(nats_url)
     client = Client(nc, env["REGISTRY_SUBJECT_PREFIX"])
     try:
-
-        async def serving() -> bool | None:
-            try:
-                return await client.call("list") == [] or None
-            except Exception:
-                return None
-
-        await eventually(serving, "the daemon to serve")
+        assert await serving(client, daemon) == []
         node = await client.register("gpu-1")
         await client.call("approve", node_id=node["id"])
     finally:

@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from daemon import service
 from infra.errors import Unauthorized
 from infra.wire import ERROR_CODE_HEADER
-from tests.support import Client, Registryd, connect, eventually
+from tests.support import Client, Registryd, connect, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -140,15 +140,7 @@ async def test_distinct_keys_from_clients_leave_the_daemon_at_its_warm_up_size(
     prefix = daemon_env["REGISTRY_SUBJECT_PREFIX"]
     nc = await connect(nats_url)
     client = Client(nc, prefix)
-
-    async def serving() -> bool | None:
-        daemon.assert_running()
-        try:
-            return await client.call("list") == []
-        except Exception:
-            return None
-
-    await eventually(serving, "the daemon to serve")
+    assert await serving(client, daemon) == []
     flood = Flood(nc, prefix)
     await flood.start()
     process = psutil.Process(daemon.pid)

@@ -33,7 +33,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from daemon import embedded
-from tests.support import Client, Registryd, eventually
+from tests.support import Client, Registryd, eventually, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -49,15 +49,7 @@ async def serves(
     nc: NATS = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **auth)
     try:
         client = Client(nc, prefix)
-
-        async def listed() -> list[Any] | None:
-            daemon.assert_running()
-            try:
-                return await client.call("list")
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                return None
-
-        assert await eventually(listed, "the daemon to serve") == []
+        assert await serving(client, daemon) == []
         node = await client.register("gpu-1")
         assert node["name"] == "gpu-1"
         assert [n["id"] for n in await client.call("list")] == [node["id"]]

@@ -39,7 +39,7 @@ from nats.js.api import StreamConfig
 
 from daemon import embedded
 from daemon.delivery import CONSUMER, sanitize
-from tests.support import CallError, Client, Registryd, Worker, connect, eventually
+from tests.support import CallError, Client, Registryd, Worker, connect, eventually, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -229,20 +229,6 @@ async def serving_on(daemon: Registryd, cluster: Cluster) -> Server:
     return cluster.at((await logged(daemon, r"serving \S+ on (\S+)", "'serving'")).group(1))
 
 
-async def serving(client: Client, daemon: Registryd) -> None:
-    """Wait until a request through `client` is answered."""
-
-    async def answered() -> bool | None:
-        daemon.assert_running()
-        try:
-            await client.call("backend_ops", dead=True)
-        except TRANSIENT:
-            return None
-        return True
-
-    await eventually(answered, "the daemon to serve", within=30)
-
-
 async def delivered_all(client: Client) -> None:
     """Wait until no intent (not even a dead one) is left."""
 
@@ -357,7 +343,7 @@ async def test_killing_the_server_of_the_daemon_loses_no_intent(
     survivors = [s for s in cluster.servers if s is not victim]
     client = await client_on(survivors[0])
     worker_client = await client_on(survivors[1])
-    await serving(client, daemon)
+    await serving(client, daemon, "backend_ops", dead=True)
 
     js = client.nc.jetstream(timeout=5)
     stream = stream_of(client)
@@ -436,8 +422,8 @@ async def test_two_daemons_on_different_servers_are_one_service(
     one = await start_on(n1)
     two = await start_on(n2)
     on1, on2 = await client_on(n1), await client_on(n2)
-    await serving(on1, one)
-    await serving(on2, two)
+    await serving(on1, one, "backend_ops", dead=True)
+    await serving(on2, two, "backend_ops", dead=True)
     assert await serving_on(one, cluster) is n1
     assert await serving_on(two, cluster) is n2
     js = on1.nc.jetstream(timeout=5)
@@ -493,7 +479,7 @@ async def test_a_stream_of_one_replica_is_raised_to_three(
     # stream that already has its settings alone; this is the case where not.)
     first = await start_on(replicas=1)
     client = await client_on(cluster.servers[0])
-    await serving(client, first)
+    await serving(client, first, "backend_ops", dead=True)
     js: JetStreamContext = client.nc.jetstream(timeout=5)
     assert (await js.stream_info(stream_of(client))).config.num_replicas == 1
     node = await client.register("gpu-1")
@@ -502,7 +488,7 @@ async def test_a_stream_of_one_replica_is_raised_to_three(
     assert await first.exit_code() == 0, first.output()
 
     second = await start_on(replicas=3)
-    await serving(client, second)
+    await serving(client, second, "backend_ops", dead=True)
 
     async def replicated() -> bool | None:
         info = await js.stream_info(stream_of(client))

@@ -21,7 +21,7 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
 from daemon import embedded
-from tests.support import CallError, Client, Registryd, eventually
+from tests.support import CallError, Client, Registryd, eventually, serving
 
 # A slow test: real processes, faults or load (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow
@@ -79,16 +79,6 @@ def as_registryd(daemon_env: dict[str, str], server: embedded.NatsServer) -> dic
         "REGISTRY_SUBJECT_PREFIX": "registry",
         "REGISTRY_STREAM": STREAM,
     }
-
-
-async def serving(admin: Client) -> None:
-    async def answered() -> bool | None:
-        try:
-            return await admin.call("list", limit=1) is not None or None
-        except (CallError, NatsTimeout, nats.errors.NoRespondersError):
-            return None
-
-    await eventually(answered, "the daemon to serve")
 
 
 async def test_each_role_may_do_what_it_needs_and_no_more(

@@ -20,7 +20,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from daemon import embedded
 from daemon.app import Daemon
-from tests.support import CallError, Client, Registryd, eventually, fails
+from tests.support import Client, Registryd, fails, serving
 
 KEY_A = "a" * 32
 KEY_B = "b" * 32
@@ -223,14 +223,7 @@ async def test_a_worker_user_can_act_only_on_its_own_node(
         await user("gpu-b", "gpu-b-pw"),
     )
     try:
-
-        async def serving() -> bool | None:
-            try:
-                return await admin.call("list") is not None or None
-            except (CallError, NatsTimeout, nats.errors.NoRespondersError):
-                return None
-
-        await eventually(serving, "the daemon to serve")
+        await serving(admin)
         assert (await a.register("gpu-a", node_key=KEY_A))["id"] == "node-a"
         assert (await b.register("gpu-b", node_key=KEY_B))["id"] == "node-b"
 

@@ -10,12 +10,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from nats.errors import NoRespondersError
 
 from daemon.app import Daemon
 from infra.db import Database
 from subjects.routing import Batches
-from tests.support import CallError, Client, Registryd, connect, eventually
+from tests.support import CallError, Client, Registryd, connect, eventually, serving
 
 
 async def pick(client: Client, model: str = "m", **fields: Any) -> tuple[str, int]:
@@ -512,16 +511,8 @@ async def test_busy_routers_over_many_models_always_find_a_replica(
                 replica_index=replica["replica_index"],
             )
 
-    async def answers() -> bool:
-        registryd.assert_running()
-        try:
-            await client.call("list", limit=1)
-        except NoRespondersError:
-            return False
-        return True
-
     try:
-        await eventually(answers, "the daemon to answer", 60)
+        await serving(client, registryd, within=60, limit=1)
         await asyncio.gather(*(router(seed) for seed in range(64)))
     finally:
         await nc.close()
