@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from subjects.base import (
     OK,
     Context,
@@ -34,7 +36,7 @@ LOADED_ON_HEALTHY = """
 
 class StatsRequest(Paged):
     model: ModelName
-    node_ids: NodeIds = []
+    node_ids: NodeIds = Field(default_factory=list)
 
 
 # replica_index is our addition: with it a router can name the exact replica in

@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 import orjson
+from pydantic import Field
 
 from infra.db import Database
 from subjects import node_status
@@ -135,7 +136,7 @@ EXPLAIN = statement(CONFIG)
 class ExplainRequest(Paged):
     model: ModelName
     min_bytes: ByteCount = 0
-    node_ids: NodeIds = []
+    node_ids: NodeIds = Field(default_factory=list)
     # Absent (or null): the model's scheduling config's selector, if any.
     # Given, even {}, it replaces that one.
     selector: Labels | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from infra.errors import Conflict, NotFound
 from subjects.base import (
     OK,
@@ -35,7 +37,7 @@ group = Group()
 class NodeSet(Request):
     """`node_ids` restricts a query to those nodes; absent or empty means all."""
 
-    node_ids: NodeIds = []
+    node_ids: NodeIds = Field(default_factory=list)
 
 
 # ------------------------------------------------------------ the predicates
@@ -190,7 +192,7 @@ async def find_least_loaded(ctx: Context, req: NodeSet) -> Any:
 
 
 class SelectorRequest(Paged):
-    selector: Labels = {}
+    selector: Labels = Field(default_factory=dict)
 
 
 # A node matches when it has every pair of the selector (an AND of pairs).

@@ -86,7 +86,7 @@ LeaseId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 class FindLockRequest(Request):
     model: ModelName
-    node_ids: NodeIds = []
+    node_ids: NodeIds = Field(default_factory=list)
     prefer: Preference | None = None
     lease_s: LeaseSeconds | None = None
 
