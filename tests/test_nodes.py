@@ -855,6 +855,30 @@ async def test_requested_heartbeat_replies_empty_object(
     assert parse(msg) == {}
 
 
+async def test_only_heartbeats_commit_without_waiting_for_the_disk(
+    start_daemon: Callable[..., Awaitable[Daemon]],
+    clients: Callable[[Daemon], Awaitable[Client]],
+    pg: asyncpg.Connection,
+) -> None:
+    # One connection: the heartbeat batch's and every write after it.
+    daemon = await start_daemon(db_pool_size=1)
+    client = await clients(daemon)
+    node = await client.healthy_node("gpu-1")
+    setting = "SELECT current_setting('synchronous_commit')"
+    assert await daemon.db.fetch_soft(setting) == [("off",)]
+
+    msg = await client.nc.request(
+        f"{client.prefix}.heartbeat.{node['id']}", b'{"available_vram": 7}', timeout=5
+    )
+    assert orjson.loads(msg.data) == {}
+    assert await pg.fetchval("SELECT available_vram FROM nodes WHERE id = $1", node["id"]) == 7
+    # A reading may be lost in a crash of PostgreSQL; an approval, a drain, a
+    # registration on the same connection afterwards may not.
+    assert await daemon.db.fetchval(setting) == "on"
+    await client.call("drain", node_id=node["id"])
+    assert await daemon.db.fetchval(setting) == "on"
+
+
 async def test_heartbeat_with_vram_clears_reserved_vram(
     client: Client, pg: asyncpg.Connection
 ) -> None:
