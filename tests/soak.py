@@ -28,9 +28,10 @@ fails (exit 1) if a measure drifted past its target:
   - latencies and the list-all duration: the median of the last minutes'
     figures within 1.2x the median of the first minutes' (a third of the run
     at each end, at most 5 minutes: a single minute of this 2-core VM swings
-    by a fifth with nothing in the registry changing, and one minute's p99
-    of 100 backend_ops is its second worst, so one minute against another,
-    or the samples of five pooled, report a spike, not drift);
+    by a fifth with nothing in the registry changing, so one minute against
+    another, or the samples of five pooled, report a spike, not drift); for
+    backend_op its p50 and p90, as one minute's p99 of 100 backend_ops is
+    its second worst (printed, not judged);
   - heartbeat visibility lag: p99 <= 0.5 s in every minute;
   - HOT ratio of updates >= 90% in every minute, for nodes and replicas;
   - table size flat: total size (heap + indexes + TOAST) after the last minute
@@ -141,7 +142,11 @@ MEASURES = [
     Measure("inflight_dec p99", "dec_p99", ms, "drift", target=DRIFTS),
     Measure("list all nodes, median", "list_p50", secs, "drift", target=DRIFTS),
     Measure("backend_op p50", "op_p50", ms, "drift", target=DRIFTS),
-    Measure("backend_op p99", "op_p99", ms, "drift", target=DRIFTS),
+    # 100 a minute: its p99 is the minute's second worst request, which swings
+    # by half from one minute to the next (72 ms against 101 in a 12-minute
+    # run whose p50 fell); its p90, the tenth worst, is what drift can be told by.
+    Measure("backend_op p90", "op_p90", ms, "drift", target=DRIFTS),
+    Measure("backend_op p99", "op_p99", ms, "info"),
     Measure("intent delivery p50", "delivery_p50", ms, "info"),
     Measure("heartbeat visibility lag p50", "lag_p50", secs, "info"),
     Measure(
@@ -421,6 +426,8 @@ class Soak:
             if values:
                 f[f"{key}_p50"] = statistics.median(values)
                 f[f"{key}_p99"] = quantile(values, 0.99)
+        if minute.backend_op:
+            f["op_p90"] = quantile(minute.backend_op, 0.90)
         if minute.lists:
             f["list_p50"] = statistics.median(minute.lists)
             f["list_max"] = max(minute.lists)
@@ -474,7 +481,9 @@ class Soak:
                 if m.lists
                 else "no listing finished"
             ),
-            f"backend_op: {p('op', ms)} ({m.issued} issued); delivered to the worker "
+            f"backend_op: {p('op', ms)}"
+            + (f", p90 {ms(f['op_p90'])}" if "op_p90" in f else "")
+            + f" ({m.issued} issued); delivered to the worker "
             f"{len(m.delivered)}/{m.issued}, {p('delivery', ms)}",
             f"heartbeats: {rate(f['hb_sent'])} published (target {self.nodes:,}/s), "
             f"{rate(f['hb_taken'])} taken in by the daemon",
