@@ -28,9 +28,10 @@ registration clears the node's replicas (the registry takes it for a
 restarted worker). Routers' `findlock` then finds them once the node is
 healthy: approved by an admin, or at once with REGISTRY_AUTO_APPROVE. Going
 offline clears them too, and a heartbeat brings an approved node back, so
-every `replicas_check_every` seconds (60) the agent reads its own node and
-records them again if the node is healthy with fewer loaded replicas than it
-serves.
+every `replicas_check_every` seconds (60) the agent reads its own node and,
+if it is healthy, records again each model it serves that has no replica row
+at all. A replica that a scheduler set unloading or idle is left as it is,
+with its routers' in-flight count.
 
 `registryd agent` registers with a node key (contract v1.2) kept in a file,
 `<REGISTRY_STATE_DIR>/agent/<name>.key` by default: `load_node_key` creates it
@@ -575,22 +576,29 @@ class Agent:
     async def _record(self, served: Served) -> None:
         """On the node's own subject (`<prefix>.replica_set.<id>`, which a NATS
         user confined to its node may publish); on the shared one for a
-        daemon older than that subject."""
+        daemon older than that subject. The shared one sets `in_flight` too,
+        so the routers' count of a replica already there is read and written
+        back, and a loaded one is left alone."""
         assert self.node is not None
+        node_id, model, index = self.node.id, served.model, served.replica_index
         if self._own_replica_subject:
             try:
                 await self.registry.replica_set_self(
-                    self.node.id,
-                    served.model,
-                    served.replica_index,
-                    state="loaded",
-                    address=served.address,
+                    node_id, model, index, state="loaded", address=served.address
                 )
                 return
             except NoResponders:
                 self._own_replica_subject = False
+        try:
+            there = await self.registry.replica_get(node_id, model, index)
+        except NotFound:
+            in_flight = 0
+        else:
+            if there.state == "loaded" and there.address == served.address:
+                return
+            in_flight = there.in_flight
         await self.registry.replica_set(
-            self.node.id, served.model, served.replica_index, state="loaded", address=served.address
+            node_id, model, index, state="loaded", address=served.address, in_flight=in_flight
         )
 
     def _replicas_due(self) -> bool:
@@ -615,15 +623,23 @@ class Agent:
             return
         except Unavailable:
             return  # asked again at the next check
-        if own.status == "healthy" and own.model_count < len(self.models):
+        if own.status != "healthy":
+            return
+        if own.replicas is None:  # a daemon older than the names: count them
+            missing = list(self.models) if own.model_count < len(self.models) else []
+        else:
+            recorded = {(r.model_name, r.replica_index) for r in own.replicas}
+            missing = [s for s in self.models if (s.model, s.replica_index) not in recorded]
+        if missing:
             log.warning(
-                "node %s is healthy with %d loaded replica(s) of the %d it serves (cleared "
-                "while it was offline); recording them again",
+                "node %s is healthy without %d of the %d replica(s) it serves (cleared while "
+                "it was offline): %s; recording them again",
                 self.name,
-                own.model_count,
+                len(missing),
                 len(self.models),
+                ", ".join(f"{s.model} (replica {s.replica_index})" for s in missing),
             )
-            self._unrecorded = list(self.models)
+            self._unrecorded = missing
             self.serving.clear()
 
     def _forgotten(self) -> None:

@@ -51,6 +51,7 @@ from registryd.models import (
     Node,
     NodeWithExtras,
     NodeWithModel,
+    OwnNode,
     Page,
     Pick,
     Replica,
@@ -410,9 +411,9 @@ class Registry:
         """A worker marks its own node offline, on `<prefix>.offline.<node_id>`."""
         await self.call(f"offline.{node_id}", {"node_id": node_id})
 
-    async def own_node(self, node_id: str) -> NodeWithExtras:
-        """A worker reads its own node, on `<prefix>.self.<node_id>`."""
-        return NodeWithExtras.model_validate(await self.call(f"self.{node_id}", {}))
+    async def own_node(self, node_id: str) -> OwnNode:
+        """A worker reads its own node and its replicas, on `<prefix>.self.<node_id>`."""
+        return OwnNode.model_validate(await self.call(f"self.{node_id}", {}))
 
     async def replica_set_self(
         self,

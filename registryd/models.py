@@ -63,6 +63,21 @@ class NodeWithExtras(Node):
     labels: dict[str, str] = {}
 
 
+class ReplicaName(Reply):
+    """A replica as its own node's `self` reply names it."""
+
+    model_name: str
+    replica_index: int = 0
+    state: str
+
+
+class OwnNode(NodeWithExtras):
+    """A worker's own node (`self.<node_id>`) with its replicas in every state;
+    None from a daemon older than that field."""
+
+    replicas: tuple[ReplicaName, ...] | None = None
+
+
 class NodeWithModel(Node):
     """An item of `nodes_with_model`: the in-flight count of its least busy replica."""
 

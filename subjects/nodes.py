@@ -369,10 +369,24 @@ async def offline_self(ctx: Context, req: OwnNodeRequest) -> Any:
     return await change_status(ctx, req.subject_node, node_status.OFFLINE)
 
 
+# As get, plus the node's replicas by name, in every state: a worker compares
+# them with what it serves and records again only those with no row (an
+# offline or a drain deleted them), leaving a replica that a scheduler set
+# unloading or idle, and its routers' in-flight count, alone.
+GET_OWN = f"""
+    SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS},
+           (SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                       'model_name', r.model_name, 'replica_index', r.replica_index,
+                       'state', r.state)
+                     ORDER BY r.model_name, r.replica_index), '[]')
+              FROM replicas r WHERE r.node_id = n.id) AS replicas
+      FROM nodes n WHERE n.id = $1"""
+
+
 @group.op("self", OwnNodeRequest, subject_field="subject_node")
 async def own_node(ctx: Context, req: OwnNodeRequest) -> Any:
-    """A worker reads its own node, as get does, on registry.self.<node_id>."""
-    return node_or_404(await ctx.db.fetchrow(GET_BY_ID, req.subject_node), req.subject_node)
+    """A worker reads its own node with its replicas, on registry.self.<node_id>."""
+    return node_or_404(await ctx.db.fetchrow(GET_OWN, req.subject_node), req.subject_node)
 
 
 # ---------------------------------------------------------------- heartbeat

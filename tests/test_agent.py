@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 
 from daemon import embedded
 from daemon.app import Daemon
-from registryd import Registry
+from registryd import OwnNode, Registry, Replica
 from registryd.agent import (
     Agent,
     CommandVram,
@@ -391,6 +391,71 @@ async def test_against_an_older_daemon_the_models_go_on_the_shared_subject(
 ) -> None:
     registry = WithoutOwnReplicaSubject(nc, daemon.settings.subject_prefix)
     await m_recorded(registry, serving_m(registry, agents))
+
+
+async def test_the_agent_records_again_the_replica_it_lost_not_a_count(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent, node_id = await routed_agent(registry, agents, replicas_check_every=FAST)
+    # A scheduler loads another model on the node, then the agent's replica
+    # goes: the node still has one loaded replica, as many as the agent
+    # serves, but not the one routers ask it for.
+    await registry.replica_set(node_id, "other", state="loaded", address="10.0.0.5:9000")
+    await registry.replica_remove(node_id, "qwen3-8b")
+
+    async def routed() -> tuple[str, str] | None:
+        try:
+            return await routed_to(registry, "qwen3-8b")
+        except NotFound:
+            return None
+
+    assert await eventually(routed, "the replica recorded again") == (node_id, "10.0.0.5:8000")
+    assert (await registry.replica_get(node_id, "other")).state == "loaded"
+    assert agent.registrations == 1
+
+
+async def unloading(registry: Registry, node_id: str, in_flight: int) -> None:
+    """A scheduler begins unloading qwen3-8b while routers still hold requests on it."""
+    await registry.replica_set(
+        node_id, "qwen3-8b", state="unloading", address="10.0.0.5:8000", in_flight=in_flight
+    )
+
+
+async def test_the_agent_leaves_a_replica_a_scheduler_is_unloading(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = Registry(nc, daemon.settings.subject_prefix)
+    agent, node_id = await routed_agent(registry, agents, replicas_check_every=FAST)
+    await unloading(registry, node_id, in_flight=3)
+    await beats_after(agent, 5)  # a check after each, due every FAST
+    replica = await registry.replica_get(node_id, "qwen3-8b")
+    assert (replica.state, replica.in_flight) == ("unloading", 3)
+
+
+class OlderDaemon(WithoutOwnReplicaSubject):
+    """Nor did its `self` reply name the node's replicas."""
+
+    async def own_node(self, node_id: str) -> OwnNode:
+        return (await super().own_node(node_id)).model_copy(update={"replicas": None})
+
+
+async def test_against_an_older_daemon_a_replica_recorded_again_keeps_its_requests(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = OlderDaemon(nc, daemon.settings.subject_prefix)
+    agent, node_id = await routed_agent(registry, agents, replicas_check_every=FAST)
+    # No names to compare: the count (0 loaded of 1) makes the agent record
+    # it again, on the shared subject, which sets in_flight as well.
+    await unloading(registry, node_id, in_flight=2)
+
+    async def loaded() -> Replica | None:
+        replica = await registry.replica_get(node_id, "qwen3-8b")
+        return replica if replica.state == "loaded" else None
+
+    replica = await eventually(loaded, "the replica recorded again")
+    assert replica.in_flight == 2  # the routers' two requests still counted
+    assert agent.registrations == 1
 
 
 def test_served_models() -> None:

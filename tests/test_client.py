@@ -29,6 +29,7 @@ from registryd import (
     NotFound,
     Registry,
     RegistryError,
+    ReplicaName,
     Timeout,
     TooLarge,
     Unauthorized,
@@ -146,7 +147,15 @@ async def test_node_keys_and_a_workers_own_subjects(registry: Registry) -> None:
     with pytest.raises(Unauthorized):
         await registry.register("gpu-1", address="b:1", node_key="x" * 32)
     own = await registry.own_node(node.id)
-    assert isinstance(own, NodeWithExtras) and own.name == "gpu-1"
+    assert isinstance(own, NodeWithExtras) and own.name == "gpu-1" and own.replicas == ()
+    await registry.replica_set(node.id, "m", 1, state="loading")
+    await registry.replica_set(node.id, "m", 0, state="loaded")
+    own = await registry.own_node(node.id)
+    assert own.replicas == (
+        ReplicaName(model_name="m", replica_index=0, state="loaded"),
+        ReplicaName(model_name="m", replica_index=1, state="loading"),
+    )
+    assert own.model_count == 1
     await registry.approve(node.id)
     await registry.offline_self(node.id)
     assert (await registry.get(node.id)).status == "offline"
