@@ -442,8 +442,15 @@ async def write_heartbeats(db: Database, readings: dict[str, dict[str, Any]]) ->
     way, none took over 0.15 s in 8 minutes (worst lag 0.095 s). A crash of
     PostgreSQL can lose the last ~0.6 s of readings, which each node's next
     heartbeat replaces; no status is written here (the health sweep changes
-    it, in a commit that waits as every other write's does)."""
-    ids = list(readings)
+    it, in a commit that waits as every other write's does).
+
+    The rows are locked in the order of the ids sent, so they go sorted: two
+    daemons share a fleet's heartbeats (one queue group), and batches of
+    the same nodes in arrival order locked them in opposite orders. Two
+    writers of 300 of 1,000 nodes each, shuffled, met 15 deadlocks in 15 s,
+    a batch waiting up to 3 s (deadlock_timeout, then its retry); sorted,
+    none in 3,037 batches."""
+    ids = sorted(readings)
     columns = ([readings[i].get(f) for i in ids] for f in READING)
     return {r[0] for r in await db.fetch_soft(WRITE_HEARTBEATS, ids, *columns)}
 

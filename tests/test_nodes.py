@@ -21,6 +21,7 @@ import pytest
 from daemon import service
 from daemon.app import Daemon
 from infra.errors import Unauthorized
+from subjects.nodes import write_heartbeats
 from tests.support import (
     CallError,
     Client,
@@ -877,6 +878,31 @@ async def test_only_heartbeats_commit_without_waiting_for_the_disk(
     assert await daemon.db.fetchval(setting) == "on"
     await client.call("drain", node_id=node["id"])
     assert await daemon.db.fetchval(setting) == "on"
+
+
+async def test_two_daemons_heartbeat_batches_of_the_same_nodes_never_deadlock(
+    daemon: Daemon, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Behind one queue group a node's readings go to either daemon, so two
+    # batches hold the same nodes, each in its own arrival order.
+    ids = [
+        r["id"]
+        for r in await pg.fetch(
+            "INSERT INTO nodes (name, address, status, approved)"
+            " SELECT 'gpu-' || g, 'a:1', 'healthy', true FROM generate_series(1, 2000) g"
+            " RETURNING id"
+        )
+    ]
+    caplog.set_level(logging.INFO, logger="registryd.db")
+    for round_ in range(1, 11):
+        forward = {i: {"available_vram": round_} for i in ids}
+        backward = {i: {"available_vram": round_} for i in reversed(ids)}
+        written = await asyncio.gather(
+            write_heartbeats(daemon.db, forward), write_heartbeats(daemon.db, backward)
+        )
+        assert written == [set(ids), set(ids)]
+    assert not [r for r in caplog.records if "deadlock" in r.getMessage()]
+    assert await pg.fetchval("SELECT count(*) FROM nodes WHERE available_vram = 10") == 2000
 
 
 async def test_heartbeat_with_vram_clears_reserved_vram(
