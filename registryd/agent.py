@@ -54,7 +54,7 @@ import signal
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -64,7 +64,7 @@ from urllib.parse import quote
 
 from registryd.client import Registry
 from registryd.errors import NoResponders, NotFound, RegistryError, Unavailable
-from registryd.models import Node
+from registryd.models import Node, OwnNode
 
 log = logging.getLogger("registryd.agent")
 
@@ -362,6 +362,30 @@ def served_models(models: Models | None, address: str | None) -> tuple[Served, .
 # ---------------------------------------------------------------- the agent
 
 
+OWN_REPLICAS = 1000  # what registry.self.<id> names at most (API.md)
+
+
+def missing_replicas(served: Sequence[Served], own: OwnNode) -> list[Served]:
+    """What the worker serves that its node has no replica of, in any state.
+
+    `own.replicas` names at most the first OWN_REPLICAS, by model (bytewise)
+    and index: when it is full, a replica that would sort past its last one
+    may be there unnamed, and is not taken for missing. A daemon older than
+    the names (None) gives only its count of loaded replicas: fewer than
+    served, and every one is recorded again."""
+    if own.replicas is None:
+        return list(served) if own.model_count < len(served) else []
+    named = [(r.model_name, r.replica_index) for r in own.replicas]
+    recorded = set(named)
+    past = named[-1] if len(named) >= OWN_REPLICAS else None
+    return [
+        s
+        for s in served
+        if (s.model, s.replica_index) not in recorded
+        and (past is None or (s.model, s.replica_index) < past)
+    ]
+
+
 class Backoff:
     """Waits that double from `first` to `cap`, with jitter so that a fleet
     does not retry in step after a daemon restart."""
@@ -625,11 +649,7 @@ class Agent:
             return  # asked again at the next check
         if own.status != "healthy":
             return
-        if own.replicas is None:  # a daemon older than the names: count them
-            missing = list(self.models) if own.model_count < len(self.models) else []
-        else:
-            recorded = {(r.model_name, r.replica_index) for r in own.replicas}
-            missing = [s for s in self.models if (s.model, s.replica_index) not in recorded]
+        missing = missing_replicas(self.models, own)
         if missing:
             log.warning(
                 "node %s is healthy without %d of the %d replica(s) it serves (cleared while "

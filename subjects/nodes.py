@@ -372,14 +372,21 @@ async def offline_self(ctx: Context, req: OwnNodeRequest) -> Any:
 # As get, plus the node's replicas by name, in every state: a worker compares
 # them with what it serves and records again only those with no row (an
 # offline or a drain deleted them), leaving a replica that a scheduler set
-# unloading or idle, and its routers' in-flight count, alone.
+# unloading or idle, and its routers' in-flight count, alone. At most the
+# first OWN_REPLICAS by model (bytewise, as a client's sort compares) and
+# index, so that the reply stays within NATS's payload limit however many a
+# node has; node_models pages through them all.
+OWN_REPLICAS = 1000
 GET_OWN = f"""
     SELECT {NODE_COLUMNS}, {EXTRAS_COLUMNS},
            (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                        'model_name', r.model_name, 'replica_index', r.replica_index,
                        'state', r.state)
-                     ORDER BY r.model_name, r.replica_index), '[]')
-              FROM replicas r WHERE r.node_id = n.id) AS replicas
+                     ORDER BY r.model_name COLLATE "C", r.replica_index), '[]')
+              FROM (SELECT model_name, replica_index, state FROM replicas
+                     WHERE node_id = n.id
+                     ORDER BY model_name COLLATE "C", replica_index
+                     LIMIT {OWN_REPLICAS}) AS r) AS replicas
       FROM nodes n WHERE n.id = $1"""
 
 

@@ -23,8 +23,9 @@ from nats.aio.client import Client as NATS
 
 from daemon import embedded
 from daemon.app import Daemon
-from registryd import OwnNode, Registry, Replica
+from registryd import OwnNode, Registry, Replica, ReplicaName
 from registryd.agent import (
+    OWN_REPLICAS,
     Agent,
     CommandVram,
     FixedVram,
@@ -32,6 +33,7 @@ from registryd.agent import (
     Served,
     Vram,
     load_node_key,
+    missing_replicas,
     node_key_path,
     parse_bytes,
     served_models,
@@ -456,6 +458,31 @@ async def test_against_an_older_daemon_a_replica_recorded_again_keeps_its_reques
     replica = await eventually(loaded, "the replica recorded again")
     assert replica.in_flight == 2  # the routers' two requests still counted
     assert agent.registrations == 1
+
+
+def own(replicas: list[tuple[str, int]] | None, model_count: int = 0) -> OwnNode:
+    names = (
+        None
+        if replicas is None
+        else [ReplicaName(model_name=m, replica_index=i, state="loaded") for m, i in replicas]
+    )
+    return OwnNode(id="n", name="gpu-1", status="healthy", model_count=model_count, replicas=names)
+
+
+def test_what_a_node_is_missing_of_what_its_worker_serves() -> None:
+    m, n, zz = Served("m", 0, "a:1"), Served("n", 0, "a:1"), Served("zz", 0, "a:1")
+    # By name: another model's replica does not stand for a lost one.
+    assert missing_replicas([m, n], own([("m", 0), ("x", 0)])) == [n]
+    assert missing_replicas([m, Served("m", 1, "a:1")], own([("m", 1)])) == [m]
+    assert missing_replicas([m, n], own([("m", 0), ("n", 0)])) == []
+    # A full listing (the first OWN_REPLICAS by model and index): what would
+    # sort past its last name may be there unnamed, and is left alone.
+    full = [(f"k-{i:04d}", 0) for i in range(OWN_REPLICAS)]
+    assert missing_replicas([Served("a", 0, "a:1"), zz], own(full)) == [Served("a", 0, "a:1")]
+    assert missing_replicas([zz], own(full[:-1])) == [zz]  # not full: all named
+    # An older daemon gives only a count of loaded replicas.
+    assert missing_replicas([m, n], own(None, model_count=1)) == [m, n]
+    assert missing_replicas([m, n], own(None, model_count=2)) == []
 
 
 def test_served_models() -> None:

@@ -166,6 +166,24 @@ async def test_node_keys_and_a_workers_own_subjects(registry: Registry) -> None:
     assert (await registry.register("gpu-1", node_key="x" * 32)).status == "healthy"
 
 
+async def test_a_workers_own_node_names_its_first_thousand_replicas(
+    registry: Registry, pg: asyncpg.Connection
+) -> None:
+    node = await registry.register("gpu-1", address="a:1")
+    names = ["a-x", "B-x", "é", *(f"m-{i:04d}" for i in range(1000))]
+    await pg.execute(
+        "INSERT INTO replicas (node_id, model_name, replica_index, state)"
+        " SELECT $1, m, 0, 'loaded' FROM unnest($2::text[]) AS m",
+        node.id,
+        names,
+    )
+    own = await registry.own_node(node.id)
+    # In the order a client's own sort gives (bytewise), whatever the
+    # database's collation: "B-x" before "a-x", "é" past every "m-".
+    assert [r.model_name for r in own.replicas or ()] == sorted(names)[:1000]
+    assert own.model_count == 1003
+
+
 async def test_lists_page_invisibly(registry: Registry) -> None:
     names = [f"n{i}" for i in range(5)]
     for name in names:
