@@ -615,7 +615,9 @@ class Agent:
                 self._own_replica_subject = False
         try:
             there = await self.registry.replica_get(node_id, model, index)
-        except NotFound:
+        except (NotFound, Unavailable):
+            # None there; or no reply, as for a user allowed to write
+            # replicas but not to read them: written as before, from zero.
             in_flight = 0
         else:
             if there.state == "loaded" and there.address == served.address:

@@ -435,6 +435,24 @@ async def test_the_agent_leaves_a_replica_a_scheduler_is_unloading(
     assert (replica.state, replica.in_flight) == ("unloading", 3)
 
 
+class WriteOnlyReplicas(WithoutOwnReplicaSubject):
+    """A NATS user that may publish the shared replica_set but not replica_get."""
+
+    async def replica_get(self, *args: Any, **kwargs: Any) -> Any:
+        raise Timeout("no reply on registry.replica_get within 5s")
+
+
+async def test_against_an_older_daemon_a_user_that_cannot_read_replicas_still_records(
+    daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
+) -> None:
+    registry = WriteOnlyReplicas(nc, daemon.settings.subject_prefix)
+    agent = serving_m(registry, agents)
+    await asyncio.wait_for(agent.serving.wait(), 10)
+    assert agent.node_id is not None
+    plain = Registry(nc, daemon.settings.subject_prefix)
+    assert (await plain.replica_get(agent.node_id, "m")).state == "loaded"
+
+
 class OlderDaemon(WithoutOwnReplicaSubject):
     """Nor did its `self` reply name the node's replicas."""
 
