@@ -446,11 +446,8 @@ async def test_against_an_older_daemon_a_user_that_cannot_read_replicas_still_re
     daemon: Daemon, nc: NATS, agents: Callable[[Agent], Running]
 ) -> None:
     registry = WriteOnlyReplicas(nc, daemon.settings.subject_prefix)
-    agent = serving_m(registry, agents)
-    await asyncio.wait_for(agent.serving.wait(), 10)
-    assert agent.node_id is not None
-    plain = Registry(nc, daemon.settings.subject_prefix)
-    assert (await plain.replica_get(agent.node_id, "m")).state == "loaded"
+    # Read back by a user that may read replicas.
+    await m_recorded(Registry(nc, daemon.settings.subject_prefix), serving_m(registry, agents))
 
 
 class OlderDaemon(WithoutOwnReplicaSubject):
